@@ -1,0 +1,31 @@
+"""Test set-up: eight virtual CPU devices, so sharded code runs as on an 8-chip host."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+CIFAR_MINI = SHARED / "data" / "cifar10-mini" / "cifar-10-batches-bin"
+BAS_CHECKPOINT = SHARED / "weights" / "resnet20_bas_epoch100.pth"
+
+
+@pytest.fixture
+def cifar_mini_dir():
+    """The real CIFAR-10 subset in ../shared; the test is skipped where it is absent."""
+    if not CIFAR_MINI.is_dir():
+        pytest.skip(f"{CIFAR_MINI} not found (../shared is absent)")
+    return CIFAR_MINI
+
+
+@pytest.fixture
+def bas_checkpoint():
+    """The authors' released BAS-stage ResNet-20; the test is skipped where it is absent."""
+    if not BAS_CHECKPOINT.is_file():
+        pytest.skip(f"{BAS_CHECKPOINT} not found (../shared is absent)")
+    return BAS_CHECKPOINT
