@@ -1,0 +1,32 @@
+"""Gated ResNets and the factory that builds one from `config.model`."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from fgc_jax.models.resnet import (CIFAR_DEPTHS, IMAGENET_STAGE_SIZES, GatedBasicBlock,
+                                   GatedResNet, cifar_resnet, imagenet_resnet)
+
+ARCHITECTURES = {"cifar_resnet": cifar_resnet, "imagenet_resnet": imagenet_resnet}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
+                 compute_dtype: str = "float32", batch_norm_axis_name: str | None = None) -> GatedResNet:
+    """Builds the network that `config.model` names (arch, depth, gated, gate_hidden, tau)."""
+    if model_config.arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch={model_config.arch!r} is unknown; choose one of {tuple(ARCHITECTURES)}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r} is unknown; choose one of {tuple(COMPUTE_DTYPES)}")
+    if model_config.tau <= 0:
+        raise ValueError(f"model.tau must be positive, got {model_config.tau}")
+    kwargs: dict[str, Any] = dict(gated=model_config.gated, gate_hidden=model_config.gate_hidden,
+                                  tau=model_config.tau, batch_norm_axis_name=batch_norm_axis_name,
+                                  dtype=COMPUTE_DTYPES[compute_dtype])
+    return ARCHITECTURES[model_config.arch](model_config.depth, num_classes, **kwargs)
+
+
+__all__ = ["ARCHITECTURES", "CIFAR_DEPTHS", "IMAGENET_STAGE_SIZES", "GatedBasicBlock", "GatedResNet",
+           "cifar_resnet", "create_model", "imagenet_resnet"]

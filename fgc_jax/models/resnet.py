@@ -1,0 +1,139 @@
+"""Gated ResNets: CIFAR ResNet-(6n+2) with option-A shortcuts, ImageNet ResNet-18/34 (spec §1).
+
+Layout is NHWC. Module names mirror the reference PyTorch state_dict (`conv1`, `bn1`,
+`layer1_0/conv1`, `layer1_0/gate/mlp/fc1`, `linear`, ...) so checkpoints map one to one.
+Every model returns `(logits, gate_outputs)` where `gate_outputs` holds one
+`GateOutput` per block, in network order (empty for the ungated dense baseline).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fgc_jax.gates import DEFAULT_TAU, ChannelGate, GateOutput, kaiming_normal, torch_bias_init
+
+Array = jax.Array
+
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+IMAGENET_STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str) -> nn.BatchNorm:
+    # PyTorch BatchNorm defaults: eps 1e-5, running = 0.9 * running + 0.1 * batch.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=axis_name if train else None, dtype=dtype, name=name)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    # Symmetric padding as in PyTorch (Flax 'SAME' pads asymmetrically for stride 2).
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                   use_bias=False, kernel_init=kaiming_normal, dtype=dtype, name=name)
+
+
+class GatedBasicBlock(nn.Module):
+    """ResNet BasicBlock whose first conv's output channels are switched by a `ChannelGate`.
+
+    shortcut: 'A' (CIFAR: subsample by 2 and zero-pad channels) or 'B' (1x1 conv + BN),
+    used only when the shape changes. With `gated=False` it is the plain BasicBlock.
+    Returns `(output, GateOutput or None)`.
+    """
+
+    planes: int
+    stride: int = 1
+    shortcut: str = "A"
+    gated: bool = True
+    gate_hidden: int = 16
+    tau: float = DEFAULT_TAU
+    batch_norm_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> tuple[Array, GateOutput | None]:
+        bn = functools.partial(_batch_norm, train, self.batch_norm_axis_name, self.dtype)
+        h = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
+        info = None
+        if self.gated:
+            log_alpha, prob, gate = ChannelGate(self.planes, self.gate_hidden, self.tau,
+                                                self.batch_norm_axis_name, self.dtype,
+                                                name="gate")(x, train)
+            feature = jax.lax.stop_gradient(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
+            info = GateOutput(log_alpha=log_alpha, prob=prob, gate=gate, feature=feature)
+            h = h * gate[:, None, None, :].astype(h.dtype)
+        h = bn("bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(h))
+
+        residual = x
+        if self.stride != 1 or x.shape[-1] != self.planes:
+            if self.shortcut == "A":
+                pad = self.planes // 4
+                residual = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (pad, pad)))
+            else:
+                residual = bn("downsample_bn")(
+                    _conv(self.planes, 1, self.stride, self.dtype, "downsample_conv")(x))
+        return nn.relu(h + residual.astype(h.dtype)), info
+
+
+class GatedResNet(nn.Module):
+    """A ResNet of gated BasicBlocks; see `cifar_resnet` and `imagenet_resnet` for the presets.
+
+    stem: 'cifar' (3x3 conv, stride 1) or 'imagenet' (7x7 conv stride 2 + 3x3 max-pool).
+    """
+
+    stage_sizes: Sequence[int]
+    stage_planes: Sequence[int]
+    num_classes: int
+    stem: str = "cifar"
+    shortcut: str = "A"
+    gated: bool = True
+    gate_hidden: int = 16
+    tau: float = DEFAULT_TAU
+    batch_norm_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> tuple[Array, tuple[GateOutput, ...]]:
+        x = x.astype(self.dtype)
+        if self.stem == "cifar":
+            x = _conv(self.stage_planes[0], 3, 1, self.dtype, "conv1")(x)
+        else:
+            x = _conv(64, 7, 2, self.dtype, "conv1")(x)
+        x = nn.relu(_batch_norm(train, self.batch_norm_axis_name, self.dtype, "bn1")(x))
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        gate_outputs = []
+        for stage, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.stage_planes)):
+            for j in range(num_blocks):
+                stride = 2 if stage > 0 and j == 0 else 1
+                x, info = GatedBasicBlock(planes, stride, self.shortcut, self.gated,
+                                          self.gate_hidden, self.tau, self.batch_norm_axis_name,
+                                          self.dtype, name=f"layer{stage + 1}_{j}")(x, train)
+                if info is not None:
+                    gate_outputs.append(info)
+
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
+                          bias_init=torch_bias_init(x.shape[-1]), name="linear")(x)
+        return logits, tuple(gate_outputs)
+
+
+def cifar_resnet(depth: int, num_classes: int = 10, **kwargs: Any) -> GatedResNet:
+    """Gated CIFAR ResNet-`depth` (6n+2): stages of n blocks with 16/32/64 planes, option-A shortcut."""
+    if depth not in CIFAR_DEPTHS:
+        raise ValueError(f"model.depth={depth} is not a CIFAR ResNet depth; choose one of {CIFAR_DEPTHS}")
+    n = (depth - 2) // 6
+    return GatedResNet(stage_sizes=(n, n, n), stage_planes=(16, 32, 64), num_classes=num_classes,
+                       stem="cifar", shortcut="A", **kwargs)
+
+
+def imagenet_resnet(depth: int, num_classes: int = 1000, **kwargs: Any) -> GatedResNet:
+    """Gated ImageNet ResNet-18/34: 7x7 stem + max-pool, 64..512 planes, 1x1-conv shortcut."""
+    if depth not in IMAGENET_STAGE_SIZES:
+        raise ValueError(f"model.depth={depth} is not an ImageNet BasicBlock ResNet depth; "
+                         f"choose one of {tuple(IMAGENET_STAGE_SIZES)}")
+    return GatedResNet(stage_sizes=IMAGENET_STAGE_SIZES[depth], stage_planes=(64, 128, 256, 512),
+                       num_classes=num_classes, stem="imagenet", shortcut="B", **kwargs)
