@@ -550,7 +550,7 @@ class TrainLoader:
       if step_epoch != epoch:
         epoch, order = step_epoch, self._permutation(step_epoch)
       indices = order[position * batch : (position + 1) * batch][self._local]
-      rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, step])
+      rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, step - start_step])
       images, labels = self._pipeline.train_batch(indices, rng, self._local, batch)
       yield {'image': images, 'label': labels, 'index': indices.astype(np.int32)}
 

@@ -18,7 +18,7 @@ from fgc_jax.gates import DEFAULT_TAU, ChannelGate, GateOutput, kaiming_normal, 
 
 Array = jax.Array
 
-CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)  # the published ones; any 6n+2 (n >= 1) builds
 IMAGENET_STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
@@ -123,8 +123,9 @@ class GatedResNet(nn.Module):
 
 def cifar_resnet(depth: int, num_classes: int = 10, **kwargs: Any) -> GatedResNet:
     """Gated CIFAR ResNet-`depth` (6n+2): stages of n blocks with 16/32/64 planes, option-A shortcut."""
-    if depth not in CIFAR_DEPTHS:
-        raise ValueError(f"model.depth={depth} is not a CIFAR ResNet depth; choose one of {CIFAR_DEPTHS}")
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"model.depth={depth} is not a CIFAR ResNet depth (6n+2, n >= 1), "
+                         f"e.g. one of {CIFAR_DEPTHS}")
     n = (depth - 2) // 6
     return GatedResNet(stage_sizes=(n, n, n), stage_planes=(16, 32, 64), num_classes=num_classes,
                        stem="cifar", shortcut="A", **kwargs)
