@@ -7,6 +7,7 @@ evaluation it is the deterministic `sigmoid(logit) > 0.5`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -46,15 +47,31 @@ def _step_with_sigmoid_grad_jvp(primals, tangents):
     return _step_with_sigmoid_grad(y), s * (1.0 - s) * dy
 
 
-def straight_through_gumbel_sigmoid(log_alpha: Array, rng: Array, tau: float = DEFAULT_TAU) -> Array:
+def _uniform_noise(rng: Array, shape: tuple[int, ...], dtype: Any, axis_name: str | None) -> Array:
+    """U(0, 1) draws; with `axis_name`, this device's rows of one draw for the global batch.
+
+    Drawing for the global batch makes the noise of an example depend on its position in
+    the global batch only, so a run gives the same gates on any number of devices.
+    """
+    draw = functools.partial(jax.random.uniform, dtype=dtype, minval=1e-12, maxval=1.0)
+    if axis_name is None:
+        return draw(rng, shape)
+    local = shape[0]
+    noise = draw(rng, (local * jax.lax.axis_size(axis_name),) + tuple(shape[1:]))
+    return jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(axis_name) * local, local)
+
+
+def straight_through_gumbel_sigmoid(log_alpha: Array, rng: Array, tau: float = DEFAULT_TAU,
+                                    axis_name: str | None = None) -> Array:
     """Hard Gumbel-sigmoid sample in {0, 1} with gradient `s(1-s)/tau`, `s = sigmoid(y)`.
 
     `y = (log_alpha + log u - log(1-u)) / tau` with `u ~ U(0, 1)`; the forward value is
-    exactly `1[y > 0]`.
+    exactly `1[y > 0]`. Inside `shard_map`, pass the batch axis as `axis_name` so the
+    draws do not depend on how the batch is split (`rng` must be the same on every device).
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    u = jax.random.uniform(rng, log_alpha.shape, log_alpha.dtype, minval=1e-12, maxval=1.0)
+    u = _uniform_noise(rng, log_alpha.shape, log_alpha.dtype, axis_name)
     logistic = jnp.log(u) - jnp.log1p(-u)
     return _step_with_sigmoid_grad((log_alpha + logistic) / tau)
 
@@ -84,6 +101,7 @@ class GateNetwork(nn.Module):
     """Gate logits from a block input: GAP -> dense(16, no bias) -> BN -> ReLU -> dense(+bias).
 
     The two dense layers are the reference's 1x1 convolutions on the pooled input.
+    `batch_norm_axis_name`: mesh axis over which BN statistics are averaged in training.
     """
 
     features: int
@@ -110,22 +128,26 @@ class ChannelGate(nn.Module):
     """Gate network plus the binary decision: returns hard gates and their probabilities.
 
     Training draws Gumbel noise from the `'gate'` RNG stream, so `apply` needs
-    `rngs={'gate': key}` when `train=True`.
+    `rngs={'gate': key}` when `train=True`. Under `shard_map`, `data_axis_name` names the
+    batch axis (noise drawn for the global batch) and `sync_batch_norm` averages the gate
+    BN statistics over it.
     """
 
     features: int
     hidden: int = 16
     tau: float = DEFAULT_TAU
-    batch_norm_axis_name: str | None = None
+    data_axis_name: str | None = None
+    sync_batch_norm: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, Array, Array]:
         """Returns `(log_alpha, prob, gate)`, each [batch, features] in float32."""
-        log_alpha = GateNetwork(self.features, self.hidden, self.batch_norm_axis_name,
-                                self.dtype, name="mlp")(x, train)
+        bn_axis = self.data_axis_name if self.sync_batch_norm else None
+        log_alpha = GateNetwork(self.features, self.hidden, bn_axis, self.dtype, name="mlp")(x, train)
         if train:
-            gate = straight_through_gumbel_sigmoid(log_alpha, self.make_rng(GATE_RNG), self.tau)
+            gate = straight_through_gumbel_sigmoid(log_alpha, self.make_rng(GATE_RNG), self.tau,
+                                                   self.data_axis_name)
         else:
             gate = deterministic_gate(log_alpha)
         return log_alpha, jax.nn.sigmoid(log_alpha), gate

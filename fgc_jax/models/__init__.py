@@ -14,8 +14,12 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def create_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
-                 compute_dtype: str = "float32", batch_norm_axis_name: str | None = None) -> GatedResNet:
-    """Builds the network that `config.model` names (arch, depth, gated, gate_hidden, tau)."""
+                 compute_dtype: str = "float32", data_axis_name: str | None = None,
+                 sync_batch_norm: bool = True) -> GatedResNet:
+    """Builds the network that `config.model` names (arch, depth, gated, gate_hidden, tau).
+
+    `data_axis_name`: the mesh axis of the batch when the model runs inside `shard_map`.
+    """
     if model_config.arch not in ARCHITECTURES:
         raise ValueError(f"model.arch={model_config.arch!r} is unknown; choose one of {tuple(ARCHITECTURES)}")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -23,7 +27,8 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
     if model_config.tau <= 0:
         raise ValueError(f"model.tau must be positive, got {model_config.tau}")
     kwargs: dict[str, Any] = dict(gated=model_config.gated, gate_hidden=model_config.gate_hidden,
-                                  tau=model_config.tau, batch_norm_axis_name=batch_norm_axis_name,
+                                  tau=model_config.tau, data_axis_name=data_axis_name,
+                                  sync_batch_norm=sync_batch_norm,
                                   dtype=COMPUTE_DTYPES[compute_dtype])
     return ARCHITECTURES[model_config.arch](model_config.depth, num_classes, **kwargs)
 

@@ -40,6 +40,8 @@ class GatedBasicBlock(nn.Module):
 
     shortcut: 'A' (CIFAR: subsample by 2 and zero-pad channels) or 'B' (1x1 conv + BN),
     used only when the shape changes. With `gated=False` it is the plain BasicBlock.
+    data_axis_name: the batch's mesh axis when run inside `shard_map` (gate noise is drawn
+    for the global batch; with `sync_batch_norm`, BN statistics are global too).
     Returns `(output, GateOutput or None)`.
     """
 
@@ -49,18 +51,20 @@ class GatedBasicBlock(nn.Module):
     gated: bool = True
     gate_hidden: int = 16
     tau: float = DEFAULT_TAU
-    batch_norm_axis_name: str | None = None
+    data_axis_name: str | None = None
+    sync_batch_norm: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, GateOutput | None]:
-        bn = functools.partial(_batch_norm, train, self.batch_norm_axis_name, self.dtype)
+        bn_axis = self.data_axis_name if self.sync_batch_norm else None
+        bn = functools.partial(_batch_norm, train, bn_axis, self.dtype)
         h = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
         info = None
         if self.gated:
             log_alpha, prob, gate = ChannelGate(self.planes, self.gate_hidden, self.tau,
-                                                self.batch_norm_axis_name, self.dtype,
-                                                name="gate")(x, train)
+                                                self.data_axis_name, self.sync_batch_norm,
+                                                self.dtype, name="gate")(x, train)
             feature = jax.lax.stop_gradient(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
             info = GateOutput(log_alpha=log_alpha, prob=prob, gate=gate, feature=feature)
             h = h * gate[:, None, None, :].astype(h.dtype)
@@ -81,6 +85,7 @@ class GatedResNet(nn.Module):
     """A ResNet of gated BasicBlocks; see `cifar_resnet` and `imagenet_resnet` for the presets.
 
     stem: 'cifar' (3x3 conv, stride 1) or 'imagenet' (7x7 conv stride 2 + 3x3 max-pool).
+    data_axis_name / sync_batch_norm: as in `GatedBasicBlock`.
     """
 
     stage_sizes: Sequence[int]
@@ -91,7 +96,8 @@ class GatedResNet(nn.Module):
     gated: bool = True
     gate_hidden: int = 16
     tau: float = DEFAULT_TAU
-    batch_norm_axis_name: str | None = None
+    data_axis_name: str | None = None
+    sync_batch_norm: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -101,7 +107,8 @@ class GatedResNet(nn.Module):
             x = _conv(self.stage_planes[0], 3, 1, self.dtype, "conv1")(x)
         else:
             x = _conv(64, 7, 2, self.dtype, "conv1")(x)
-        x = nn.relu(_batch_norm(train, self.batch_norm_axis_name, self.dtype, "bn1")(x))
+        bn_axis = self.data_axis_name if self.sync_batch_norm else None
+        x = nn.relu(_batch_norm(train, bn_axis, self.dtype, "bn1")(x))
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -110,8 +117,9 @@ class GatedResNet(nn.Module):
             for j in range(num_blocks):
                 stride = 2 if stage > 0 and j == 0 else 1
                 x, info = GatedBasicBlock(planes, stride, self.shortcut, self.gated,
-                                          self.gate_hidden, self.tau, self.batch_norm_axis_name,
-                                          self.dtype, name=f"layer{stage + 1}_{j}")(x, train)
+                                          self.gate_hidden, self.tau, self.data_axis_name,
+                                          self.sync_batch_norm, self.dtype,
+                                          name=f"layer{stage + 1}_{j}")(x, train)
                 if info is not None:
                     gate_outputs.append(info)
 

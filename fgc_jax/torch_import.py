@@ -1,0 +1,141 @@
+"""Import PyTorch FGC/BAS (and torchvision-style ResNet) checkpoints into Flax variables.
+
+The reference implementation is PyTorch; its released checkpoints (e.g. the BAS-stage
+ResNet-20) hold a `state_dict` whose names our modules mirror: `layer1.0.conv1.weight`
+is `params/layer1_0/conv1/kernel`. Conversion is driven by a template of our variables,
+so every model leaf must be found, no checkpoint tensor may be left over, and every
+shape must agree; anything else is reported at once. torch is an optional dependency
+(`pip install -e .[torch]`) needed only to read `.pth` files.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+# Module renames between our names and the PyTorch ones (after `_` -> `.` in `layerX_Y`).
+_MODULE_TO_TORCH = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+# The classifier is `linear` in the CIFAR reference and `fc` in torchvision ResNets.
+_CLASSIFIER_ALIASES = {"linear": ("linear", "fc")}
+_LEAF_TO_TORCH = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_DATA_PARALLEL_PREFIX = "module."
+
+
+def _torch_module_name(module_path: tuple[str, ...]) -> str:
+    parts = []
+    for name in module_path:
+        if name.startswith("layer") and "_" in name:
+            name = name.replace("_", ".", 1)  # layer1_0 -> layer1.0
+        parts.append(_MODULE_TO_TORCH.get(name, name))
+    return ".".join(parts)
+
+
+def _torch_shapes(leaf: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """PyTorch shapes that convert to a Flax leaf of `shape`; the first is the canonical one."""
+    if leaf != "kernel":
+        return (shape,)
+    if len(shape) == 4:  # conv: Flax HWIO <- PyTorch OIHW
+        h, w, i, o = shape
+        return ((o, i, h, w),)
+    if len(shape) == 2:  # dense: Flax (in, out) <- nn.Linear (out, in) or 1x1 nn.Conv2d
+        i, o = shape
+        return ((o, i), (o, i, 1, 1))
+    raise ValueError(f"cannot map a kernel of rank {len(shape)} (shape {shape})")
+
+
+def _to_flax(leaf: str, value: np.ndarray, rank: int) -> np.ndarray:
+    """A PyTorch tensor already known to fit (`_torch_shapes`) in Flax layout of `rank`."""
+    if leaf != "kernel":
+        return value
+    if rank == 4:
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    return value.reshape(value.shape[:2]).T  # (out, in[, 1, 1]) -> (in, out)
+
+
+def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray],
+                             variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Fills `variables`' structure ({'params', 'batch_stats'}) from a PyTorch state_dict.
+
+    `state_dict` maps PyTorch names to NumPy arrays (a `module.` prefix is stripped,
+    `num_batches_tracked` ignored). `variables` is only a template: shapes and dtypes are
+    read from it (arrays or `jax.ShapeDtypeStruct`s). Raises ValueError listing every
+    missing, unexpected or mis-shaped key.
+    """
+    unused = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(_DATA_PARALLEL_PREFIX)
+        if not key.endswith(_IGNORED_SUFFIXES):
+            unused[key] = np.asarray(value)
+
+    converted, missing, wrong_shape = {}, [], []
+    for path, template in traverse_util.flatten_dict(dict(variables)).items():
+        collection, *module_path, leaf = path
+        if (collection, leaf) not in _LEAF_TO_TORCH:
+            raise ValueError(f"no PyTorch counterpart for variable {'/'.join(path)}")
+        module = _torch_module_name(tuple(module_path))
+        candidates = [f"{alias}.{_LEAF_TO_TORCH[collection, leaf]}"
+                      for alias in _CLASSIFIER_ALIASES.get(module, (module,))]
+        key = next((c for c in candidates if c in unused), candidates[0])
+        shape = tuple(template.shape)
+        expected = _torch_shapes(leaf, shape)
+        if key not in unused:
+            missing.append(f"{key} (expected shape {expected[0]})")
+            continue
+        value = unused.pop(key)
+        if value.shape not in expected:
+            wrong_shape.append(f"{key}: expected {' or '.join(map(str, expected))}, "
+                               f"found {value.shape}")
+            continue
+        converted[path] = jnp.asarray(_to_flax(leaf, value, len(shape)), dtype=template.dtype)
+
+    unexpected = [f"{key} (found shape {value.shape})" for key, value in unused.items()]
+    if missing or unexpected or wrong_shape:
+        problems = [("missing from the checkpoint", missing),
+                    ("unexpected in the checkpoint", unexpected), ("wrong shape", wrong_shape)]
+        lines = [f"  {title}: {item}" for title, items in problems for item in items]
+        raise ValueError("PyTorch state_dict does not match the model:\n" + "\n".join(lines))
+    return traverse_util.unflatten_dict(converted)
+
+
+def _tensor_to_numpy(torch: Any, value: Any) -> np.ndarray:
+    if not isinstance(value, torch.Tensor):
+        return np.asarray(value)
+    value = value.detach().cpu()
+    # NumPy has no bfloat16; floats go through float32 (the template dtype decides the end).
+    return (value.float() if value.is_floating_point() else value).numpy()
+
+
+def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Reads a PyTorch `.pth` file (a state_dict, or a dict with a 'state_dict' entry) into Flax.
+
+    See `torch_state_dict_to_flax` for the mapping and the template `variables`.
+    """
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("reading PyTorch checkpoints needs torch: pip install -e .[torch]") from e
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Training scripts often pickle extra objects (e.g. argparse.Namespace) that the safe
+        # loader refuses. Only then fall back to full unpickling, which can run arbitrary
+        # code: load only checkpoints from sources you trust.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a state_dict")
+    state_dict = {key: _tensor_to_numpy(torch, value) for key, value in checkpoint.items()}
+    return torch_state_dict_to_flax(state_dict, variables)

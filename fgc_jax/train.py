@@ -1,0 +1,410 @@
+"""FGC training: the train state, the data-parallel train step, and the loop (spec §2-§3).
+
+The step is one per-device program (`jax.shard_map` over the mesh axis 'data') under
+`jax.jit`: each device runs the model on its slice of the global batch; batch shaping
+sees the global batch; the memory banks are sharded by rows over the devices; the loss
+is the global-batch loss, and its gradient is taken outside the shard_map, so JAX's
+transpose of the collectives yields exactly the single-device gradient.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fgc_jax import checkpointing, input_pipeline, losses, memory_bank, schedules  # TEMP
+from fgc_jax.metric_writers import MetricWriter
+from fgc_jax.models import create_model
+from fgc_jax.schedules import Phase
+
+Array = jax.Array
+AXIS = "data"
+BANK_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue bit for bit; a pytree of arrays.
+
+    banks: {f'block_{i}': {'feature': [rows, C], 'gate': [rows, C]}} for each FGC block,
+      rows sharded over the devices. rng: key data of the run's base PRNG key; the gate
+      noise of step s is drawn from fold_in(key, s), so the data position (the step)
+      fixes all randomness.
+    """
+
+    step: Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    banks: dict[str, dict[str, Array]]
+    rng: Array
+
+
+# ----------------------------------------------------------------------------------------
+# Set-up.
+
+
+def fgc_block_indices(config: ml_collections.ConfigDict, num_blocks: int) -> list[int]:
+    """The gated blocks that carry memory banks, as sorted non-negative indices."""
+    indices = []
+    for b in config.fgc.blocks:
+        if not -num_blocks <= b < num_blocks:
+            raise ValueError(f"fgc.blocks={tuple(config.fgc.blocks)} names block {b}, but the model has "
+                             f"{num_blocks} gated blocks (valid: {-num_blocks}..{num_blocks - 1})")
+        indices.append(b % num_blocks)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"fgc.blocks={tuple(config.fgc.blocks)} names a block twice")
+    return sorted(indices)
+
+
+def validate_config(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                    num_devices: int) -> None:
+    """Fails fast, before any compilation, on settings that cannot run."""
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    check(config.batch_size % num_devices == 0,
+          f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; use a multiple "
+          f"of {num_devices}")
+    check(config.eval_batch_size % num_devices == 0,
+          f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
+    check(config.batch_size <= info.num_train,
+          f"batch_size={config.batch_size} exceeds the {info.num_train} training examples")
+    check(config.num_epochs > 0, f"num_epochs must be positive, got {config.num_epochs}")
+    check(0 <= config.bas.epochs <= config.num_epochs,
+          f"bas.epochs={config.bas.epochs} must lie in [0, num_epochs={config.num_epochs}]")
+    check(config.fgc.kappa >= 0, f"fgc.kappa must be >= 0, got {config.fgc.kappa}")
+    check(0 < config.fgc.k < info.num_train,
+          f"fgc.k={config.fgc.k} must satisfy 0 < k < the {info.num_train} training examples (bank rows)")
+    check(config.fgc.temperature > 0, f"fgc.temperature must be positive, got {config.fgc.temperature}")
+    check(0 <= config.fgc.momentum < 1, f"fgc.momentum must be in [0, 1), got {config.fgc.momentum}")
+    check(config.fgc.bank_dtype in BANK_DTYPES,
+          f"fgc.bank_dtype={config.fgc.bank_dtype!r} is unknown; choose one of {tuple(BANK_DTYPES)}")
+    check(config.fgc.knn_method in memory_bank.KNN_METHODS,
+          f"fgc.knn_method={config.fgc.knn_method!r} is unknown; choose one of {memory_bank.KNN_METHODS}")
+    check(config.optimizer.learning_rate > 0, "optimizer.learning_rate must be positive")
+    check(config.log_every_steps > 0 and config.checkpoint_every_steps > 0,
+          "log_every_steps and checkpoint_every_steps must be positive")
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Nesterov SGD with L2 weight decay on the backbone only (never on gate networks)."""
+    def backbone_mask(params):
+        flat = flax.traverse_util.flatten_dict(params)
+        return flax.traverse_util.unflatten_dict({k: "gate" not in k for k in flat})
+
+    return optax.chain(
+        optax.add_decayed_weights(config.optimizer.weight_decay, mask=backbone_mask),
+        optax.sgd(schedules.learning_rate(config, steps_per_epoch),
+                  momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov))
+
+
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Banks sharded by rows over the data axis, everything else replicated."""
+    replicated, by_rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    shardings = jax.tree.map(lambda _: replicated, abstract_state)
+    return shardings.replace(banks=jax.tree.map(lambda _: by_rows, abstract_state.banks))
+
+
+# ----------------------------------------------------------------------------------------
+# The train step.
+
+
+class Trainer:
+    """Builds the model, state and per-phase compiled train steps of one configuration."""
+
+    def __init__(self, config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                 mesh: jax.sharding.Mesh, steps_per_epoch: int):
+        validate_config(config, info, mesh.size)
+        self.config, self.info, self.mesh = config, info, mesh
+        self.steps_per_epoch = steps_per_epoch
+        self.model = create_model(config.model, info.num_classes, compute_dtype=config.compute_dtype,
+                                  data_axis_name=AXIS, sync_batch_norm=config.sync_batch_norm)
+        self.eval_model = self.model.clone(data_axis_name=None)  # runs outside shard_map
+        self.tx = create_optimizer(config, steps_per_epoch)
+        self.num_blocks = sum(self.model.stage_sizes) if config.model.gated else 0
+        self.fgc_blocks = fgc_block_indices(config, self.num_blocks) if self.num_blocks else []
+        self.bank_rows = memory_bank.padded_num_rows(info.num_train, mesh.size)
+        abstract = jax.eval_shape(self._init_state, jax.random.key_data(jax.random.key(0)))
+        self.shardings = state_shardings(abstract, mesh)
+        self.batch_sharding = NamedSharding(mesh, P(AXIS))
+        self._steps: dict[Phase, Callable] = {}
+
+    def block_widths(self) -> list[int]:
+        """Output channels of each gated block, in network order."""
+        return [planes for n, planes in zip(self.model.stage_sizes, self.model.stage_planes)
+                for _ in range(n)]
+
+    def _init_state(self, rng_data: Array) -> TrainState:
+        rng = jax.random.wrap_key_data(rng_data)
+        params_rng, gate_rng, bank_rng, run_rng = jax.random.split(rng, 4)
+        dummy = jnp.zeros((1,) + tuple(self.info.image_shape), jnp.float32)
+        variables = self.eval_model.init({"params": params_rng, "gate": gate_rng}, dummy, train=False)
+        widths = self.block_widths()
+        banks = {}
+        for i, b in enumerate(self.fgc_blocks):
+            feature_rng, gate_bank_rng = jax.random.split(jax.random.fold_in(bank_rng, i))
+            make = functools.partial(memory_bank.init_bank, num_rows=self.info.num_train, dim=widths[b],
+                                     num_shards=self.mesh.size,
+                                     dtype=BANK_DTYPES[self.config.fgc.bank_dtype])
+            banks[f"block_{b}"] = {"feature": make(feature_rng), "gate": make(gate_bank_rng)}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                          batch_stats=variables["batch_stats"],
+                          opt_state=self.tx.init(variables["params"]), banks=banks,
+                          rng=jax.random.key_data(run_rng))
+
+    def create_state(self, seed: int) -> TrainState:
+        """A fresh state, created directly with its shardings."""
+        init = jax.jit(self._init_state, out_shardings=self.shardings)
+        return init(jax.random.key_data(jax.random.key(seed)))
+
+    def train_step(self, state: TrainState, batch: Mapping[str, Array], phase: Phase
+                   ) -> tuple[TrainState, dict[str, Array]]:
+        """One optimisation step on a global batch (`image`, `label`, `index`)."""
+        if phase not in self._steps:
+            self._steps[phase] = jax.jit(functools.partial(self._train_step, phase=phase),
+                                         in_shardings=(self.shardings, self.batch_sharding),
+                                         out_shardings=(self.shardings, None), donate_argnums=0)
+        return self._steps[phase](state, batch)
+
+    def _per_device_loss(self, params, batch_stats, banks, batch, rng, weights, phase: Phase):
+        """This device's share of the loss; see the module docstring.
+
+        Returns the device-averaged loss without batch shaping, each block's gate
+        probabilities (for batch shaping over the global batch, outside the shard_map),
+        and the new BN statistics, banks and metrics.
+        """
+        config = self.config
+        (logits, gates), updates = self.model.apply(
+            {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+            rngs={"gate": rng}, mutable=["batch_stats"])
+        new_batch_stats = updates["batch_stats"]
+        if not config.sync_batch_norm:
+            new_batch_stats = lax.pmean(new_batch_stats, AXIS)
+
+        terms = {"cross_entropy": optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch["label"]).mean()}
+        metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+        new_banks = banks
+        if gates:
+            terms["l0"] = losses.l0_loss([g.prob for g in gates])
+            metrics["gate_density"] = jnp.mean(jnp.stack([jnp.mean(g.gate) for g in gates]))
+            if phase.uses_banks:
+                terms["fgc"], new_banks = self._fgc_terms(gates, batch["index"], banks, phase)
+        total = (terms["cross_entropy"] + weights["rho"] * terms.get("l0", 0.0)
+                 + weights["kappa"] * terms.get("fgc", 0.0))
+        metrics.update(terms)
+        total, metrics = lax.pmean((total, metrics), AXIS)
+        probs = tuple(g.prob for g in gates) if phase == Phase.BAS else ()
+        return total, probs, (new_batch_stats, new_banks, metrics)
+
+    def _fgc_terms(self, gates, index, banks, phase: Phase):
+        fgc = self.config.fgc
+        total, new_banks = 0.0, {}
+        for b in self.fgc_blocks:
+            g, bank = gates[b], banks[f"block_{b}"]
+            total += losses.fgc_contrastive_loss(
+                g.log_alpha, g.feature, index, bank["feature"], bank["gate"], k=fgc.k,
+                temperature=fgc.temperature, use_neighbours=phase == Phase.FGC_NEIGHBOURS,
+                num_valid_rows=self.info.num_train, axis_name=AXIS, knn_method=fgc.knn_method)
+            update = functools.partial(memory_bank.update_bank, index=index, momentum=fgc.momentum,
+                                       axis_name=AXIS)
+            new_banks[f"block_{b}"] = {"feature": update(bank["feature"], values=g.feature),
+                                       "gate": update(bank["gate"], values=g.log_alpha)}
+        return total, new_banks
+
+    def _train_step(self, state: TrainState, batch, phase: Phase):
+        epoch = state.step // self.steps_per_epoch
+        weights = schedules.loss_weights(self.config, epoch)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        per_device = jax.shard_map(
+            functools.partial(self._per_device_loss, phase=phase), mesh=self.mesh,
+            in_specs=(P(), P(), P(AXIS), P(AXIS), P(), P()),
+            out_specs=(P(), P(AXIS), (P(), P(AXIS), P())))
+
+        def loss_fn(params):
+            total, probs, aux = per_device(params, state.batch_stats, state.banks, batch, rng, weights)
+            if probs:  # batch shaping: a loss of the global batch's distribution of each gate
+                replicated = NamedSharding(self.mesh, P())
+                shaping = sum(losses.batch_shaping_loss(jax.reshard(p, replicated), self.config.bas.alpha,
+                                                        self.config.bas.beta) for p in probs)
+                total = total + weights["zeta"] * shaping
+                aux[2]["batch_shaping"] = shaping
+            return total, aux
+
+        (loss, (batch_stats, banks, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       param_norm=optax.global_norm(params),
+                       learning_rate=schedules.learning_rate(self.config, self.steps_per_epoch)(state.step),
+                       **weights)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state, banks=banks)
+        return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+
+
+def _checkpoint_meta(config, step: int, steps_per_epoch: int) -> dict[str, Any]:
+    return {"model": checkpointing.model_identity(config), "step": step,
+            "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+            "batch_size": config.batch_size, "seed": config.seed}
+
+
+def _load_initial_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any]) -> dict:
+    """Params and BN statistics of a BAS-stage run: our workdir or a PyTorch .pth file."""
+    source = config.init_from
+    if source.endswith((".pth", ".pt")):
+        from fgc_jax import torch_import  # optional torch extra
+        return torch_import.load_torch_checkpoint(source, template)
+    variables, _ = checkpointing.restore_model_variables(source)
+    for name in ("params", "batch_stats"):
+        expected = jax.tree.map(lambda x: x.shape, template[name])
+        found = jax.tree.map(lambda x: x.shape, variables[name])
+        if expected != found:
+            raise ValueError(f"init_from={source!r} holds {name} of another model than the config's")
+    return variables
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _flush_metrics(pending: list[dict[str, Array]], step: int, seconds: float, batch_size: int,
+                   writer: MetricWriter, last_checkpoint: int | None) -> dict[str, float]:
+    """Averages the steps' metrics since the last flush, writes them, stops on NaN/inf."""
+    host = jax.device_get(pending)
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if not all(np.isfinite([m["loss"] for m in host])):
+        raise FloatingPointError(
+            f"non-finite loss at or before step {step} ({means}); training stopped. The last good "
+            f"checkpoint (step {last_checkpoint}) is kept; lower the learning rate or inspect the data")
+    means["images_per_second"] = len(host) * batch_size / max(seconds, 1e-9)
+    means["ms_per_step"] = 1e3 * seconds / len(host)
+    writer.write_scalars(step, means)
+    pending.clear()
+    return means
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates; returns
+    the last evaluation report."""
+    info = input_pipeline.dataset_info(config)
+    mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+    loader = input_pipeline.TrainLoader(config, global_batch_size=config.batch_size)
+    steps_per_epoch = loader.steps_per_epoch
+    trainer = Trainer(config, info, mesh, steps_per_epoch)
+    total_steps = config.num_epochs * steps_per_epoch
+    eval_model = trainer.eval_model
+    cost = flops.cost_model(eval_model, info.image_shape)
+
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    manager = checkpointing.create_manager(workdir, config)
+    state = trainer.create_state(config.seed)
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, trainer.shardings)
+        state, _ = checkpointing.restore(manager, latest, abstract, config)
+        logging.info("Resumed from checkpoint %d in %s", latest, workdir)
+    elif config.init_from:
+        variables = _load_initial_variables(config, {"params": state.params,
+                                                     "batch_stats": state.batch_stats})
+        start = config.bas.epochs * steps_per_epoch
+        state = jax.device_put(state.replace(
+            step=jnp.asarray(start, jnp.int32), params=variables["params"],
+            batch_stats=variables["batch_stats"]), trainer.shardings)
+        logging.info("Initialised from %s; the FGC stage starts at step %d", config.init_from, start)
+
+    writer = MetricWriter(workdir)
+    preemption = _PreemptionFlag()
+    pending: list[dict[str, Array]] = []
+    report: dict[str, Any] = {}
+    last_checkpoint = latest
+    start_step = int(jax.device_get(state.step))
+    timer, t0, started = time.perf_counter(), time.perf_counter(), start_step
+
+    def checkpoint(step: int, metrics: Mapping[str, float] | None = None) -> None:
+        nonlocal last_checkpoint
+        checkpointing.save(manager, step, state, _checkpoint_meta(config, step, steps_per_epoch), metrics)
+        last_checkpoint = step
+
+    try:
+        batches = loader.batches(start_step)
+        for step in range(start_step, total_steps):
+            epoch = step // steps_per_epoch
+            batch = input_pipeline.to_global(next(batches), mesh)
+            state, metrics = trainer.train_step(state, batch, schedules.phase(config, epoch))
+            pending.append(metrics)
+            done = step + 1
+            epoch_end = done % steps_per_epoch == 0
+            stop = preemption.raised or (manager.reached_preemption(done) and done < total_steps)
+            wants_checkpoint = epoch_end or done % config.checkpoint_every_steps == 0 or stop
+            if pending and (done % config.log_every_steps == 0 or wants_checkpoint):
+                now = time.perf_counter()
+                means = _flush_metrics(pending, done, now - timer, loader.local_batch_size
+                                       * jax.process_count(), writer, last_checkpoint)
+                timer = now
+                eta = (now - t0) / max(done - started, 1) * (total_steps - done)
+                logging.info("step %d/%d (epoch %d) loss %.4f acc %.3f density %.3f lr %.4g "
+                             "%.1f img/s, ETA %s", done, total_steps, epoch, means["loss"],
+                             means["accuracy"], means.get("gate_density", 1.0),
+                             means["learning_rate"], means["images_per_second"],
+                             time.strftime("%H:%M:%S", time.gmtime(eta)))
+            eval_metrics = None
+            if epoch_end and ((epoch + 1) % config.eval_every_epochs == 0 or done == total_steps):
+                report = evaluate.evaluate_model(
+                    eval_model, {"params": state.params, "batch_stats": state.batch_stats},
+                    config, mesh, cost)
+                eval_metrics = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                logging.info("epoch %d eval: top1 %.4f, mean MACs %.4g, pruning ratio %.3f",
+                             epoch, report["top1"], report["mean_macs"], report["pruning_ratio"])
+            if wants_checkpoint:
+                checkpoint(done, eval_metrics)
+            if stop:
+                logging.warning("Stopped for preemption at step %d; rerun the same command to resume",
+                                done)
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        preemption.restore()
+    return report
