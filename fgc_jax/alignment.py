@@ -75,19 +75,19 @@ def chance_overlap(n: int, k: int) -> float:
     return k / (n - 1)
 
 
-def alignment_report(features: Sequence[np.ndarray], gate_logits: Sequence[np.ndarray],
+def alignment_report(features: Sequence[np.ndarray], gate_probs: Sequence[np.ndarray],
                      labels: np.ndarray, ks: Sequence[int] = (5, 10, 50),
                      fgc_blocks: Sequence[int] = (), consistency_k: int = 10) -> dict:
     """Per gated block: feature/gate kNN overlap at each k, and class consistency of both spaces.
 
-    `features[b]`, `gate_logits[b]`: [N, C_b] pooled pre-gate features and gate logits of
-    block b. ks larger than N - 1 are skipped.
+    `features[b]`, `gate_probs[b]`: [N, C_b] pooled pre-gate features and gate
+    probabilities `sigmoid(log_alpha)` of block b. ks larger than N - 1 are skipped.
     """
     n = len(labels)
     ks = [k for k in ks if 1 <= k <= n - 1]
     ck = min(consistency_k, n - 1)
     blocks = []
-    for b, (f, g) in enumerate(zip(features, gate_logits)):
+    for b, (f, g) in enumerate(zip(features, gate_probs)):
         blocks.append({
             "block": b,
             "fgc": b in set(fgc_blocks),
@@ -95,7 +95,7 @@ def alignment_report(features: Sequence[np.ndarray], gate_logits: Sequence[np.nd
             "class_consistency_gate": class_consistency(g, labels, ck),
             "class_consistency_feature": class_consistency(f, labels, ck),
         })
-    return {"num_examples": n, "ks": ks, "consistency_k": ck, "gate_space": "gate logits",
+    return {"num_examples": n, "ks": ks, "consistency_k": ck, "gate_space": "gate probabilities",
             "feature_space": "pooled pre-gate features",
             "chance_overlap": {str(k): chance_overlap(n, k) for k in ks},
             "fgc_blocks": sorted(set(fgc_blocks)), "blocks": blocks}

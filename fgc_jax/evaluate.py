@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from fgc_jax import alignment, flops, input_pipeline
+from fgc_jax import alignment, checkpointing, flops, input_pipeline
 
 AXIS = "data"
 ALIGNMENT_KS = (5, 10, 50)
@@ -245,12 +245,12 @@ def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any
                 seems = describe_torch_state_dict(_load_torch_state_dict(torch_checkpoint))
             except Exception:  # pylint: disable=broad-except
                 seems = "model that could not be identified"
+            lines = str(e).splitlines()
+            detail = "\n".join(lines[:6] + ([f"  ... and {len(lines) - 6} more"] if len(lines) > 6 else []))
             raise EvaluationError(
                 f"{torch_checkpoint} seems to hold a {seems}, but the config builds a {expected}; "
-                f"pass the matching --config (e.g. --config.model.depth=...).\n{e}") from e
+                f"pass the matching --config (e.g. --config.model.depth=...).\n{detail}") from e
         return variables, os.path.abspath(torch_checkpoint)
-
-    from fgc_jax import checkpointing  # pylint: disable=import-outside-toplevel
 
     variables, restored_step = checkpointing.restore_model_variables(workdir, step)
     source = f"{os.path.abspath(os.path.join(workdir, 'checkpoints'))} step {restored_step}"
@@ -261,6 +261,10 @@ def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any
 # ----------------------------------------------------------------------------
 # The program.
 # ----------------------------------------------------------------------------
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
 def _subset(n: int, limit: int) -> np.ndarray:
@@ -279,16 +283,20 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
 
     if bool(workdir) == bool(torch_checkpoint):
         raise EvaluationError("give exactly one of --workdir (our checkpoints) or --torch_checkpoint")
+    image_shape, num_classes = flops.input_spec(config)  # static: checkpoint errors come first
+    model = create_model(config.model, num_classes, compute_dtype=config.compute_dtype)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                                 train=False))
+    variables, source = load_variables(config, template, workdir=workdir, step=step,
+                                       torch_checkpoint=torch_checkpoint)
     try:
         info = input_pipeline.dataset_info(config)
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(f"the {config.dataset} test data is not available: {e}") from e
-    model = create_model(config.model, info.num_classes, compute_dtype=config.compute_dtype)
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)),
-                                                 train=False))
-    variables, source = load_variables(config, template, workdir=workdir, step=step,
-                                       torch_checkpoint=torch_checkpoint)
-    cost = flops.cost_model(model, info.image_shape)
+    if (tuple(info.image_shape), info.num_classes) != (tuple(image_shape), num_classes):
+        raise EvaluationError(f"the data gives {info.image_shape} images of {info.num_classes} classes, "
+                              f"the model expects {image_shape} and {num_classes}")
+    cost = flops.cost_model(model, image_shape)
     mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
     if config.eval_batch_size % jax.device_count():
         raise EvaluationError(f"config.eval_batch_size={config.eval_batch_size} is not a multiple of "
@@ -304,7 +312,8 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
     if cost.num_blocks:
         keep = _subset(report["num_examples"], alignment_max_examples)
         report["alignment"] = alignment.alignment_report(
-            [f[keep] for f in per["feature"]], [a[keep] for a in per["log_alpha"]], per["label"][keep],
+            [f[keep] for f in per["feature"]], [_sigmoid(a[keep]) for a in per["log_alpha"]],
+            per["label"][keep],
             ALIGNMENT_KS, fgc_blocks)
         pictures.append(plots.block_density(
             report["block_density"], os.path.join(output_dir, "block_density.png"), fgc_blocks,
@@ -370,14 +379,9 @@ def main(argv: Sequence[str]) -> None:
         report = run_evaluation(f.config, output_dir, workdir=f.workdir, step=f.step,
                                 torch_checkpoint=f.torch_checkpoint,
                                 alignment_max_examples=f.alignment_max_examples)
-    except (EvaluationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (EvaluationError, FileNotFoundError, checkpointing.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)  # a message, not a traceback
         sys.exit(1)
-    except Exception as e:  # checkpointing.CheckpointError and friends: a message, not a trace
-        if type(e).__name__ == "CheckpointError":
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        raise
     print(format_summary(report))
     print(f"report and pictures in {os.path.abspath(output_dir)}: {REPORT_NAME}, "
           + ", ".join(report["pictures"]))

@@ -95,8 +95,10 @@ def accuracy_macs_plane(names: Sequence[str], macs: Sequence[float], top1: Seque
     for name, xi, yi in zip(names, x, y):
         ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if dense_macs is not None:
-        for d in sorted(set(float(v) for v in dense_macs)):
-            ax.axvline(d / 1e6, color="tab:red", linestyle="--", linewidth=0.8)
+        for i, d in enumerate(sorted(set(float(v) for v in dense_macs))):
+            ax.axvline(d / 1e6, color="tab:red", linestyle="--", linewidth=0.8,
+                       label="dense MACs" if i == 0 else None)
+        ax.legend(loc="lower right")
     ax.set_xlabel("mean MACs per example (millions)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)

@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fgc_jax import checkpointing, input_pipeline, losses, memory_bank, schedules  # TEMP
+from fgc_jax import checkpointing, evaluate, flops, input_pipeline, losses, memory_bank, schedules
 from fgc_jax.metric_writers import MetricWriter
 from fgc_jax.models import create_model
 from fgc_jax.schedules import Phase

@@ -36,6 +36,23 @@ R20_GATES = 9_984
 R20_DENSE = 40_550_400
 
 
+def random_variables(model, shape, seed=0):
+    """Variables shaped like the model's, filled by NumPy (no compiled init: fast on CPU)."""
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        return rng.normal(0, 0.3, leaf.shape).astype(np.float32)  # bias, BN offset and mean
+
+    return jax.tree_util.tree_map_with_path(fill, template)
+
+
 @pytest.fixture(scope="module")
 def r20_cost():
     return flops.cost_model(cifar_resnet(20, 10), (32, 32, 3))
@@ -119,21 +136,28 @@ def test_dynamic_macs_hand_patterns(r20_cost):
     assert ratio == pytest.approx(1 - 1_484_544 / R20_DENSE)
 
 
-def test_dynamic_macs_under_jit_on_model_gates(r20_cost):
-    model = cifar_resnet(20, 10)
+def test_dynamic_macs_under_jit_on_model_gates():
+    model = cifar_resnet(8, 10)  # one block a stage: 16->16, 16->32 (stride 2), 32->64 (stride 2)
+    cost = flops.cost_model(model, (32, 32, 3))
+    blocks = [FULL_BLOCK, DOWN_BLOCK, DOWN_BLOCK]
+    gate_macs = (16 * 16 + 16 * 16) + (16 * 16 + 16 * 32) + (32 * 16 + 16 * 64)  # 2,816
+    assert cost.dense_macs == STEM_MACS + sum(blocks) and cost.gate_macs == gate_macs
     x = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
-    _, outs = model.apply(variables, x, train=False)
+    variables = random_variables(model, x.shape)
+    _, outs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
 
     @jax.jit
     def macs(gates):
-        return flops.dynamic_macs(r20_cost, gates)
+        return flops.dynamic_macs(cost, gates)
 
     got = macs([o.gate for o in outs])
     assert got.shape == (6,)
-    density = np.stack([np.asarray(o.gate).mean(1) for o in outs], 1)  # [6, 9]
-    expected = STEM_MACS + R20_GATES + density @ np.array(R20_BLOCKS, np.float64)
+    density = np.stack([np.asarray(o.gate).mean(1) for o in outs], 1)  # [6, 3]
+    expected = STEM_MACS + gate_macs + density @ np.array(blocks, np.float64)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+
+
+def test_dynamic_macs_jnp_hand_pattern(r20_cost):
     # The same hand patterns through jnp: float32 but exact for these values.
     np.testing.assert_allclose(flops.dynamic_macs(r20_cost, [jnp.asarray(g) for g in _pattern([0.5] * 9)]),
                                [20_506_368], rtol=1e-7)

@@ -1,0 +1,202 @@
+"""The training loop: learning, exact resume, preemption, bad checkpoints, NaN, bad input."""
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import quickstart, resnet20_cifar
+from fgc_jax import checkpointing, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def digits_config(**overrides):
+    """Quickstart data with a depth-8 model: 22 steps an epoch at batch 64."""
+    config = quickstart.get_config()
+    config.model.depth = 8
+    config.batch_size = 64
+    config.eval_batch_size = 360
+    config.num_epochs = 3
+    config.bas.epochs = 1
+    config.fgc.warmup_epochs = 1
+    config.sparsity.ramp_epochs = 1
+    config.optimizer.lr_milestones = (2,)
+    config.checkpoint_every_steps = 1000
+    config.log_every_steps = 11
+    config.eval_every_epochs = 100
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def restore_state(workdir, step=None):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta")) as m:
+        step = m.latest_step() if step is None else step
+        return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"], step
+
+
+def file_hashes(directory):
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(pathlib.Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_resume_after_restart_is_bitwise_exact(tmp_path):
+    """66 steps straight equal 44 steps, a restart, and 22 more — every array, bit for bit."""
+    straight, restarted = str(tmp_path / "straight"), str(tmp_path / "restarted")
+    train.train_and_evaluate(digits_config(), straight)
+    train.train_and_evaluate(digits_config(num_epochs=2), restarted)
+    assert restore_state(restarted)[1] == 44
+    train.train_and_evaluate(digits_config(), restarted)
+
+    a, step_a = restore_state(straight)
+    b, step_b = restore_state(restarted)
+    assert step_a == step_b == 66
+    leaves_a, leaves_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    assert any("banks" in jax.tree_util.keystr(p) for p, _ in leaves_a)
+    for (path, x), (_, y) in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+    # The restarted run logged the same training losses as the straight one after the restart.
+    by_step = {m["step"]: m["loss"] for m in read_metrics(straight) if "loss" in m}
+    for m in read_metrics(restarted):
+        if "loss" in m and m["step"] > 44:
+            assert m["loss"] == by_step[m["step"]]
+
+
+def test_corrupt_or_foreign_checkpoint_stops_the_run_and_is_kept(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(digits_config(num_epochs=1), workdir)
+    before = file_hashes(workdir + "/checkpoints")
+
+    with pytest.raises(checkpointing.CheckpointError, match="is of model"):
+        train.train_and_evaluate(digits_config(num_epochs=2, **{"model.depth": 14}), workdir)
+
+    state_dir = pathlib.Path(workdir, "checkpoints", "22", "state")
+    for p in state_dir.rglob("*"):
+        if p.is_file() and p.stat().st_size > 0 and "metadata" not in p.name:
+            p.write_bytes(b"\x00garbage" * 8)
+    corrupted = file_hashes(workdir + "/checkpoints")
+    assert corrupted != before
+    with pytest.raises(checkpointing.CheckpointError, match="left untouched"):
+        train.train_and_evaluate(digits_config(num_epochs=2), workdir)
+    assert file_hashes(workdir + "/checkpoints") == corrupted
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = digits_config(num_epochs=3, **{"optimizer.learning_rate": 1e30, "bas.epochs": 0})
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train.train_and_evaluate(config, workdir)
+    checkpoints = pathlib.Path(workdir, "checkpoints")
+    for step_dir in [p for p in checkpoints.iterdir() if p.name.isdigit()]:
+        state, _ = restore_state(workdir, int(step_dir.name))
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 60}, "not divisible by the 8 devices"),
+    ({"fgc.k": 1437}, "fgc.k=1437"),
+    ({"fgc.temperature": 0.0}, "temperature"),
+    ({"fgc.momentum": 1.0}, "momentum"),
+    ({"fgc.blocks": (5,)}, "fgc.blocks"),
+    ({"model.depth": 21}, "model.depth=21"),
+])
+def test_bad_settings_fail_before_compiling(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(digits_config(**overrides), str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    config = resnet20_cifar.get_config()
+    config.data.source = "cifar_bin"
+    config.data.dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="cifar"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def main_command(workdir, *overrides):
+    return [sys.executable, "-m", "fgc_jax.main", "--config=configs/quickstart.py",
+            f"--workdir={workdir}", *overrides]
+
+
+def test_unknown_config_field_is_rejected(tmp_path):
+    result = subprocess.run(main_command(tmp_path, "--config.fgc.neighbours=5"), cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "neighbours" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    overrides = ["--config.model.depth=8", "--config.num_epochs=50", "--config.log_every_steps=1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    process = subprocess.Popen(main_command(workdir, *overrides), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "Stopped for preemption" in stderr
+    _, step = restore_state(str(workdir))
+    logged = [m["step"] for m in read_metrics(workdir) if "loss" in m]
+    assert 0 < step < 50 * 11 and step >= max(logged)
+
+
+@pytest.mark.slow
+def test_short_run_on_real_cifar_learns(tmp_path, cifar_mini_dir):
+    """5 epochs on 5,085 real CIFAR-10 images through BAS, FGC warm-up and k-NN FGC."""
+    config = resnet20_cifar.get_config()
+    config.data.source = "cifar_bin"
+    config.data.dir = str(cifar_mini_dir)
+    config.update_from_flattened_dict({
+        "model.depth": 8, "batch_size": 128, "eval_batch_size": 512, "num_epochs": 5,
+        "bas.epochs": 2, "fgc.warmup_epochs": 1, "fgc.k": 50, "sparsity.ramp_epochs": 1,
+        "sparsity.rho_max": 2.0, "optimizer.lr_milestones": (4,), "log_every_steps": 13,
+        "eval_every_epochs": 1, "checkpoint_every_steps": 10_000})
+    report = train.train_and_evaluate(config, str(tmp_path))
+    assert report["num_examples"] == 1017
+    assert report["top1"] > 0.3  # chance is 0.1
+    records = read_metrics(tmp_path)
+    train_records = [m for m in records if "loss" in m]
+    for name in ("cross_entropy", "l0", "batch_shaping", "fgc", "accuracy", "gate_density"):
+        values = [m[name] for m in train_records if name in m]
+        assert values and np.isfinite(values).all(), name
+    # rho rises from 0 at the end of BAS (step 78) to 2.0: the gates must switch off.
+    density = {m["step"]: m["gate_density"] for m in train_records}
+    bas_end = density[78]
+    assert density[max(density)] < bas_end - 0.1
+    evals = [m for m in records if "eval/top1" in m]
+    assert len(evals) == 5 and evals[-1]["eval/pruning_ratio"] > evals[1]["eval/pruning_ratio"]
+
+
+@pytest.mark.slow
+def test_quickstart_completes(tmp_path):
+    """The README's main-job command, as written, runs every stage offline."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run(main_command(tmp_path), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    assert {m["step"] for m in records if "fgc" in m}  # the FGC stage ran
+    final = [m for m in records if "eval/top1" in m][-1]
+    assert final["step"] == 132 and final["eval/top1"] > 0.6
