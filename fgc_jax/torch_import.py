@@ -108,14 +108,6 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray],
     return traverse_util.unflatten_dict(converted)
 
 
-def _tensor_to_numpy(torch: Any, value: Any) -> np.ndarray:
-    if not isinstance(value, torch.Tensor):
-        return np.asarray(value)
-    value = value.detach().cpu()
-    # NumPy has no bfloat16; floats go through float32 (the template dtype decides the end).
-    return (value.float() if value.is_floating_point() else value).numpy()
-
-
 def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> dict[str, Any]:
     """Reads a PyTorch `.pth` file (a state_dict, or a dict with a 'state_dict' entry) into Flax.
 
@@ -137,5 +129,12 @@ def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any])
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a state_dict")
-    state_dict = {key: _tensor_to_numpy(torch, value) for key, value in checkpoint.items()}
-    return torch_state_dict_to_flax(state_dict, variables)
+
+    def to_numpy(value: Any) -> np.ndarray:
+        if not isinstance(value, torch.Tensor):
+            return np.asarray(value)
+        value = value.detach().cpu()
+        # NumPy has no bfloat16: floats go through float32 (the template decides the dtype).
+        return (value.float() if value.is_floating_point() else value).numpy()
+
+    return torch_state_dict_to_flax({key: to_numpy(value) for key, value in checkpoint.items()}, variables)

@@ -252,8 +252,8 @@ class Trainer:
             state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                       param_norm=optax.global_norm(params),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params),
                        learning_rate=schedules.learning_rate(self.config, self.steps_per_epoch)(state.step),
                        **weights)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

@@ -7,8 +7,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests build the same small programs; compile each once per test session.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fgc_jax_test_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 CIFAR_MINI = SHARED / "data" / "cifar10-mini" / "cifar-10-batches-bin"

@@ -172,10 +172,10 @@ def test_fgc_loss_neighbours_change_the_loss():
 
 
 def test_fgc_loss_counts_the_own_row_once_when_top_k_returns_it():
-    # Every other row scores below -2, so the own row (scored -2) is the top neighbour.
-    a, f, idx, fb, gb = fgc_problem(n_rows=20, batch=3)
-    f = np.abs(f) + 1.0
-    fb = -5.0 * np.abs(fb) - 1.0
+    # Every other row scores in (-2.8, -2.2), so the own row (scored -2) is the top neighbour.
+    a, _, idx, _, gb = fgc_problem(n_rows=20, batch=3)
+    f = np.full((3, 8), 1.0 / 8, np.float32)
+    fb = np.repeat(np.random.default_rng(5).uniform(-2.8, -2.2, (20, 1)), 8, axis=1).astype(np.float32)
     sets = positive_sets(f, idx, fb, 4, True)
     assert all(len(s) == 4 and int(i) in s for s, i in zip(sets, idx))
     expected_loss, expected_grad = fgc_numpy(a, f, idx, fb, gb, 4, True)

@@ -106,12 +106,16 @@ def test_nearest_neighbours_match_numpy_argsort(k):
     np.testing.assert_array_equal(got, neighbours_numpy(f, idx, bank, k))
 
 
-def test_nearest_neighbours_exclude_self_and_break_ties_by_lower_row():
+def test_nearest_neighbours_score_own_row_minus_two_and_break_ties_by_lower_row():
     bank = np.zeros((8, 2), np.float32)
     bank[[1, 3, 6]] = [1.0, 0.0]  # three equal best rows for a query along x
     bank[4] = [2.0, 0.0]  # the query's own row, the most similar of all
     got = np.asarray(memory_bank.nearest_neighbours(np.array([[1.0, 0.0]]), np.array([4]), bank, k=2))
     np.testing.assert_array_equal(got, [[1, 3]])
+    # The own row scores exactly -2: above rows that score less, as in the reference.
+    bank = np.array([[-2.5, 0.0], [-2.1, 0.0], [5.0, 0.0], [-1.9, 0.0]], np.float32)
+    got = np.asarray(memory_bank.nearest_neighbours(np.array([[1.0, 0.0]]), np.array([2]), bank, k=3))
+    np.testing.assert_array_equal(got, [[3, 2, 1]])
 
 
 def test_nearest_neighbours_never_return_padding_rows():
@@ -139,6 +143,23 @@ def test_nearest_neighbours_reject_k_outside_bank(k, num_valid_rows):
 def test_nearest_neighbours_reject_mismatched_shapes(features, index):
     with pytest.raises(ValueError, match="features|index"):
         memory_bank.nearest_neighbours(features, index, jnp.ones((10, 4)), k=2)
+
+
+def test_approx_method_agrees_with_exact_on_cpu_and_unknown_method_raises():
+    # lax.approx_max_k is exact off TPU.
+    f, idx, bank = integer_problem(seed=3)
+    got = memory_bank.nearest_neighbours(f, idx, bank, k=4, method="approx")
+    np.testing.assert_array_equal(got, neighbours_numpy(f, idx, bank, 4))
+    with pytest.raises(ValueError, match="method"):
+        memory_bank.nearest_neighbours(f, idx, bank, k=4, method="faiss")
+
+
+@pytest.mark.parametrize("log_alpha,index", [(np.ones((2, 5)), np.arange(2)),
+                                             (np.ones((2, 4)), np.arange(3))])
+def test_positive_log_prob_rejects_mismatched_shapes(log_alpha, index):
+    with pytest.raises(ValueError, match="log_alpha|index"):
+        memory_bank.positive_log_prob(jnp.asarray(log_alpha), jnp.asarray(index), None, jnp.ones((10, 4)),
+                                      temperature=T)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0])

@@ -91,8 +91,8 @@ def torch_forward(state, x, stem="cifar", stage_sizes=(3, 3, 3), stage_planes=(1
     x = torch.as_tensor(x)
 
     def bn(h, p):
-        return F.batch_norm(h, t[p + ".running_mean"], t[p + ".running_var"], t[p + ".weight"], t[p + ".bias"],
-                            training=False, eps=1e-5)
+        return F.batch_norm(h, t[p + ".running_mean"], t[p + ".running_var"], t[p + ".weight"],
+                            t[p + ".bias"], training=False, eps=1e-5)
 
     seen = {}
     if stem == "cifar":
@@ -195,6 +195,17 @@ def test_mismatched_state_dict_names_every_offending_key():
     assert "(64, 16, 1, 1)" in message or "(64, 16)" in message  # the expected shape
 
 
+def test_ungated_models_import_only_backbone_keys():
+    shapes = cifar_shapes(8)
+    backbone = {k: v for k, v in shapes.items() if ".gate." not in k}
+    variables = torch_import.torch_state_dict_to_flax(random_state_dict(backbone, seed=5),
+                                                      template(cifar_resnet(8, gated=False)))
+    assert "gate" not in variables["params"]["layer1_0"]
+    with pytest.raises(ValueError, match=r"unexpected.*layer1\.0\.gate\.mlp\.fc1\.weight"):
+        torch_import.torch_state_dict_to_flax(random_state_dict(shapes, seed=5),
+                                              template(cifar_resnet(8, gated=False)))
+
+
 def test_module_prefix_and_num_batches_tracked_are_handled_without_torch(monkeypatch):
     state = random_state_dict(cifar_shapes(8), seed=1)
     wrapped = {"module." + k: v for k, v in state.items()}
@@ -218,7 +229,8 @@ def test_load_accepts_the_usual_checkpoint_layouts(tmp_path, layout):
     if layout == "wrapped":
         contents = {"epoch": 3, "arch": "resnet8", "state_dict": tensors}
     elif layout == "data_parallel_with_namespace":  # needs the weights_only=False fallback
-        contents = {"args": argparse.Namespace(lr=0.1), "state_dict": {"module." + k: v for k, v in tensors.items()}}
+        contents = {"args": argparse.Namespace(lr=0.1),
+                    "state_dict": {"module." + k: v for k, v in tensors.items()}}
     else:
         contents = tensors
     torch.save(contents, tmp_path / "ckpt.pth")

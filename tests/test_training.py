@@ -20,10 +20,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def digits_config(**overrides):
-    """Quickstart data with a depth-8 model: 22 steps an epoch at batch 64."""
+    """Quickstart data with a depth-8 model: 11 steps an epoch at batch 128."""
     config = quickstart.get_config()
     config.model.depth = 8
-    config.batch_size = 64
+    config.batch_size = 128
     config.eval_batch_size = 360
     config.num_epochs = 3
     config.bas.epochs = 1
@@ -31,7 +31,7 @@ def digits_config(**overrides):
     config.sparsity.ramp_epochs = 1
     config.optimizer.lr_milestones = (2,)
     config.checkpoint_every_steps = 1000
-    config.log_every_steps = 11
+    config.log_every_steps = 5
     config.eval_every_epochs = 100
     config.update_from_flattened_dict(overrides)
     return config
@@ -54,16 +54,16 @@ def file_hashes(directory):
 
 
 def test_resume_after_restart_is_bitwise_exact(tmp_path):
-    """66 steps straight equal 44 steps, a restart, and 22 more — every array, bit for bit."""
+    """33 steps straight equal 22 steps, a restart, and 11 more — every array, bit for bit."""
     straight, restarted = str(tmp_path / "straight"), str(tmp_path / "restarted")
     train.train_and_evaluate(digits_config(), straight)
     train.train_and_evaluate(digits_config(num_epochs=2), restarted)
-    assert restore_state(restarted)[1] == 44
+    assert restore_state(restarted)[1] == 22
     train.train_and_evaluate(digits_config(), restarted)
 
     a, step_a = restore_state(straight)
     b, step_b = restore_state(restarted)
-    assert step_a == step_b == 66
+    assert step_a == step_b == 33
     leaves_a, leaves_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
     assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
     assert any("banks" in jax.tree_util.keystr(p) for p, _ in leaves_a)
@@ -73,7 +73,7 @@ def test_resume_after_restart_is_bitwise_exact(tmp_path):
     # The restarted run logged the same training losses as the straight one after the restart.
     by_step = {m["step"]: m["loss"] for m in read_metrics(straight) if "loss" in m}
     for m in read_metrics(restarted):
-        if "loss" in m and m["step"] > 44:
+        if "loss" in m and m["step"] > 22:
             assert m["loss"] == by_step[m["step"]]
 
 
@@ -85,7 +85,7 @@ def test_corrupt_or_foreign_checkpoint_stops_the_run_and_is_kept(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="is of model"):
         train.train_and_evaluate(digits_config(num_epochs=2, **{"model.depth": 14}), workdir)
 
-    state_dir = pathlib.Path(workdir, "checkpoints", "22", "state")
+    state_dir = pathlib.Path(workdir, "checkpoints", "11", "state")
     for p in state_dir.rglob("*"):
         if p.is_file() and p.stat().st_size > 0 and "metadata" not in p.name:
             p.write_bytes(b"\x00garbage" * 8)
@@ -109,6 +109,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"batch_size": 60}, "not divisible by the 8 devices"),
+    ({"batch_size": 2048}, "exceeds the 1437 training examples"),
     ({"fgc.k": 1437}, "fgc.k=1437"),
     ({"fgc.temperature": 0.0}, "temperature"),
     ({"fgc.momentum": 1.0}, "momentum"),
