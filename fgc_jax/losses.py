@@ -87,6 +87,9 @@ def fgc_contrastive_loss(log_alpha: Array, feature: Array, index: Array, feature
     `memory_bank.update_bank`). With `axis_name`, call inside `shard_map`: inputs are the
     local batch and the local bank shards; every device returns the same global loss.
     """
+    if feature_bank.shape[0] != gate_bank.shape[0]:
+        raise ValueError(f"feature_bank {feature_bank.shape} and gate_bank {gate_bank.shape} must have "
+                         "the same rows (one per training example)")
     neighbours = None
     if use_neighbours:
         neighbours = memory_bank.nearest_neighbours(

@@ -64,6 +64,22 @@ def _scores(queries: Array, bank_shard: Array) -> Array:
                       preferred_element_type=jnp.float32)
 
 
+def _valid_rows(num_valid_rows: int | None, bank_shard: Array, axis_name: str | None) -> int:
+    """`num_valid_rows` checked against the bank's total rows (its default)."""
+    total = bank_shard.shape[0] * (1 if axis_name is None else lax.axis_size(axis_name))
+    if num_valid_rows is None:
+        return total
+    if not 0 < num_valid_rows <= total:
+        raise ValueError(f"num_valid_rows={num_valid_rows} must lie in [1, {total}] (the bank's rows)")
+    return num_valid_rows
+
+
+def _check_rows(name: str, values: Array, index: Array, bank_shard: Array) -> None:
+    if values.shape != (index.shape[0], bank_shard.shape[-1]):
+        raise ValueError(f"{name} {values.shape} must be [len(index), bank width] = "
+                         f"[{index.shape[0]}, {bank_shard.shape[-1]}] (index {index.shape})")
+
+
 def _validate(k: int, num_valid_rows: int, method: str) -> None:
     if not 0 < k < num_valid_rows:
         raise ValueError(f"k={k} must satisfy 0 < k < bank size ({num_valid_rows}): an example "
@@ -82,12 +98,9 @@ def nearest_neighbours(features: Array, index: Array, feature_bank_shard: Array,
     the answer covers the global batch, in device order. `method='approx'` uses
     `lax.approx_max_k`, which is fast on TPU only.
     """
-    n_shards = 1 if axis_name is None else lax.axis_size(axis_name)
-    num_valid_rows = num_valid_rows or feature_bank_shard.shape[0] * n_shards
+    num_valid_rows = _valid_rows(num_valid_rows, feature_bank_shard, axis_name)
     _validate(k, num_valid_rows, method)
-    if features.shape[-1] != feature_bank_shard.shape[-1] or features.shape[0] != index.shape[0]:
-        raise ValueError(f"features {features.shape} and index {index.shape} do not match a bank "
-                         f"with rows of width {feature_bank_shard.shape[-1]}")
+    _check_rows("features", features, index, feature_bank_shard)
     queries, index = gather_batch(features, axis_name), gather_batch(index, axis_name)
     rows = _shard_rows(feature_bank_shard, axis_name)
     sims = _scores(queries, feature_bank_shard)
@@ -127,8 +140,8 @@ def positive_log_prob(log_alpha: Array, index: Array, neighbours: Array | None, 
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    n_shards = 1 if axis_name is None else lax.axis_size(axis_name)
-    num_valid_rows = num_valid_rows or gate_bank_shard.shape[0] * n_shards
+    num_valid_rows = _valid_rows(num_valid_rows, gate_bank_shard, axis_name)
+    _check_rows("log_alpha", log_alpha, index, gate_bank_shard)
     queries, index = gather_batch(log_alpha, axis_name), gather_batch(index, axis_name)
     bank = lax.stop_gradient(gate_bank_shard)
     rows = _shard_rows(bank, axis_name)
@@ -164,6 +177,7 @@ def update_bank(bank_shard: Array, index: Array, values: Array, *, momentum: flo
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    _check_rows("values", values, index, bank_shard)
     index = gather_batch(index, axis_name)
     values = gather_batch(lax.stop_gradient(values), axis_name).astype(jnp.float32)
     rows = _shard_rows(bank_shard, axis_name)

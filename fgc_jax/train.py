@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -290,13 +291,19 @@ class _PreemptionFlag:
     """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
 
     def __init__(self):
-        self.raised = False
+        self._raised = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
         logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
-        self.raised = True
+        self._raised = True
+
+    def raised(self) -> bool:
+        """Whether any process was sent SIGTERM (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self._raised
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._raised))))
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -365,7 +372,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointing.save(manager, step, state, _checkpoint_meta(config, step, steps_per_epoch), metrics)
         last_checkpoint = step
 
+    def run_eval(step: int) -> tuple[dict[str, Any], dict[str, float]]:
+        report = evaluate.evaluate_model(eval_model, {"params": state.params,
+                                                      "batch_stats": state.batch_stats},
+                                         config, mesh, cost)
+        scalars = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+        scalars.update({f"block_density/{b}": d for b, d in enumerate(report["block_density"])})
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+        logging.info("step %d eval: top1 %.4f, mean MACs %.4g, pruning ratio %.3f", step,
+                     report["top1"], report["mean_macs"], report["pruning_ratio"])
+        return report, scalars
+
     try:
+        if start_step >= total_steps:
+            logging.info("%s already holds the final checkpoint (step %d)", workdir, start_step)
+            report, _ = run_eval(start_step)
         batches = loader.batches(start_step)
         for step in range(start_step, total_steps):
             epoch = step // steps_per_epoch
@@ -374,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending.append(metrics)
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
-            stop = preemption.raised or (manager.reached_preemption(done) and done < total_steps)
+            stop = (preemption.raised() or manager.reached_preemption(done)) and done < total_steps
             wants_checkpoint = epoch_end or done % config.checkpoint_every_steps == 0 or stop
             if pending and (done % config.log_every_steps == 0 or wants_checkpoint):
                 now = time.perf_counter()
@@ -389,13 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              time.strftime("%H:%M:%S", time.gmtime(eta)))
             eval_metrics = None
             if epoch_end and ((epoch + 1) % config.eval_every_epochs == 0 or done == total_steps):
-                report = evaluate.evaluate_model(
-                    eval_model, {"params": state.params, "batch_stats": state.batch_stats},
-                    config, mesh, cost)
-                eval_metrics = {k: v for k, v in report.items() if isinstance(v, (int, float))}
-                writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                logging.info("epoch %d eval: top1 %.4f, mean MACs %.4g, pruning ratio %.3f",
-                             epoch, report["top1"], report["mean_macs"], report["pruning_ratio"])
+                report, eval_metrics = run_eval(done)
             if wants_checkpoint:
                 checkpoint(done, eval_metrics)
             if stop:
