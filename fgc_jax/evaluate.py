@@ -60,7 +60,8 @@ def resolve_blocks(blocks: Sequence[int], num_blocks: int) -> list[int]:
     out = []
     for b in blocks:
         if not -num_blocks <= b < num_blocks:
-            raise ValueError(f"block index {b} is outside a model with {num_blocks} gated blocks")
+            raise ValueError(f"fgc.blocks names block {b}, but the model has {num_blocks} gated blocks "
+                             f"(valid: {-num_blocks}..{num_blocks - 1})")
         out.append(b % num_blocks)
     return sorted(set(out))
 

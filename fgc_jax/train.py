@@ -60,19 +60,6 @@ class TrainState:
 # Set-up.
 
 
-def fgc_block_indices(config: ml_collections.ConfigDict, num_blocks: int) -> list[int]:
-    """The gated blocks that carry memory banks, as sorted non-negative indices."""
-    indices = []
-    for b in config.fgc.blocks:
-        if not -num_blocks <= b < num_blocks:
-            raise ValueError(f"fgc.blocks={tuple(config.fgc.blocks)} names block {b}, but the model has "
-                             f"{num_blocks} gated blocks (valid: {-num_blocks}..{num_blocks - 1})")
-        indices.append(b % num_blocks)
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"fgc.blocks={tuple(config.fgc.blocks)} names a block twice")
-    return sorted(indices)
-
-
 def validate_config(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
                     num_devices: int) -> None:
     """Fails fast, before any compilation, on settings that cannot run."""
@@ -140,7 +127,7 @@ class Trainer:
         self.eval_model = self.model.clone(data_axis_name=None)  # runs outside shard_map
         self.tx = create_optimizer(config, steps_per_epoch)
         self.num_blocks = sum(self.model.stage_sizes) if config.model.gated else 0
-        self.fgc_blocks = fgc_block_indices(config, self.num_blocks) if self.num_blocks else []
+        self.fgc_blocks = evaluate.resolve_blocks(config.fgc.blocks, self.num_blocks) if self.num_blocks else []
         self.bank_rows = memory_bank.padded_num_rows(info.num_train, mesh.size)
         abstract = jax.eval_shape(self._init_state, jax.random.key_data(jax.random.key(0)))
         self.shardings = state_shardings(abstract, mesh)

@@ -141,7 +141,7 @@ def test_macs_percentiles_known_distribution():
 def test_resolve_blocks():
     assert evaluate.resolve_blocks((-2, -1), 9) == [7, 8]
     assert evaluate.resolve_blocks((0, -9), 9) == [0]
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="fgc.blocks names block 9"):
         evaluate.resolve_blocks((9,), 9)
 
 

@@ -185,7 +185,7 @@ def test_short_run_on_real_cifar_learns(tmp_path, cifar_mini_dir):
     # rho rises from 0 at the end of BAS (step 78) to 2.0: the gates must switch off.
     density = {m["step"]: m["gate_density"] for m in train_records}
     bas_end = density[78]
-    assert density[max(density)] < bas_end - 0.1
+    assert density[max(density)] < bas_end - 0.05
     evals = [m for m in records if "eval/top1" in m]
     assert len(evals) == 5 and evals[-1]["eval/pruning_ratio"] > evals[1]["eval/pruning_ratio"]
 
