@@ -35,14 +35,6 @@ import numpy as np
 
 from fgc_jax.gates import ChannelGate
 
-# dataset -> (image shape HWC, number of classes); imagenet's side is config.data.image_size.
-DATASET_INPUTS = {
-    "cifar10": ((32, 32, 3), 10),
-    "cifar100": ((32, 32, 3), 100),
-    "digits": ((8, 8, 1), 10),
-    "imagenet2012": ((None, None, 3), 1000),
-}
-
 COUNTED_KINDS = ("stem", "conv1", "conv2", "shortcut", "conv")  # in dense_macs
 
 
@@ -255,23 +247,13 @@ def pruning_ratio(cost: CostModel, mean_macs: float) -> float:
     return 1.0 - float(mean_macs) / cost.dense_macs
 
 
-def input_spec(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
-    """(image shape HWC, number of classes) of `config.dataset`; the data need not be present."""
-    if config.dataset not in DATASET_INPUTS:
-        raise ValueError(f"config.dataset={config.dataset!r} is unknown; choose one of "
-                         f"{tuple(DATASET_INPUTS)}")
-    shape, num_classes = DATASET_INPUTS[config.dataset]
-    if config.dataset == "imagenet2012":
-        side = int(config.data.image_size)
-        shape = (side, side, 3)
-    return shape, num_classes
-
-
 def cost_model_from_config(config: ml_collections.ConfigDict) -> CostModel:
     """The cost model of the network that `config` builds, at the dataset's input size."""
-    from fgc_jax.models import create_model  # local: keeps `import fgc_jax.flops` light
+    # Local imports keep `import fgc_jax` (which exports cost accounting) light.
+    from fgc_jax import input_pipeline
+    from fgc_jax.models import create_model
 
-    shape, num_classes = input_spec(config)
+    shape, num_classes = input_pipeline.input_spec(config)
     return cost_model(create_model(config.model, num_classes), shape)
 
 

@@ -307,11 +307,18 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
             len(_open_tfds(name, split, config.data.dir, config.data.manual_dir))
             for split in ("train", spec.test_split)
         )
-    if name == "imagenet2012":
+    shape, num_classes = input_spec(config)
+    return DatasetInfo(name, num_train, num_test, num_classes, shape)
+
+
+def input_spec(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
+    """(model input shape HWC, number of classes) of `config.dataset`; needs no data."""
+    spec = _spec(config)
+    if config.dataset == "imagenet2012":
         shape = (config.data.image_size, config.data.image_size, 3)
     else:
-        shape = (8, 8, 1) if name == "digits" else (32, 32, 3)
-    return DatasetInfo(name, num_train, num_test, spec.num_classes, shape)
+        shape = (8, 8, 1) if config.dataset == "digits" else (32, 32, 3)
+    return shape, spec.num_classes
 
 
 # ----------------------------------------------------------------------------

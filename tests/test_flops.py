@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import resnet20_cifar
-from fgc_jax import flops
+from fgc_jax import flops, input_pipeline
 from fgc_jax.models import cifar_resnet, imagenet_resnet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -171,12 +171,12 @@ def test_dynamic_macs_rejects_wrong_block_count(r20_cost):
 def test_input_spec_needs_no_data():
     config = resnet20_cifar.get_config()
     config.data.dir = "/nonexistent"
-    assert flops.input_spec(config) == ((32, 32, 3), 10)
+    assert input_pipeline.input_spec(config) == ((32, 32, 3), 10)
     config.dataset = "imagenet2012"
     config.data.image_size = 160
-    assert flops.input_spec(config) == ((160, 160, 3), 1000)
-    config.dataset = "digits"
-    assert flops.input_spec(config) == ((8, 8, 1), 10)
+    assert input_pipeline.input_spec(config) == ((160, 160, 3), 1000)
+    config.dataset, config.data.source = "digits", "sklearn"
+    assert input_pipeline.input_spec(config) == ((8, 8, 1), 10)
 
 
 def test_cli_json_matches_spec():
