@@ -284,7 +284,7 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
 
     if bool(workdir) == bool(torch_checkpoint):
         raise EvaluationError("give exactly one of --workdir (our checkpoints) or --torch_checkpoint")
-    image_shape, num_classes = flops.input_spec(config)  # static: checkpoint errors come first
+    image_shape, num_classes = input_pipeline.input_spec(config)  # static: checkpoint errors come first
     model = create_model(config.model, num_classes, compute_dtype=config.compute_dtype)
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
                                                  train=False))

@@ -72,13 +72,13 @@ PHASES = [Phase.BAS, Phase.BAS, Phase.FGC_INSTANCE, Phase.FGC_NEIGHBOURS, Phase.
 def test_one_and_eight_devices_agree(sync_batch_norm):
     """Same global batches through every phase -> same losses, params, BN stats, banks.
 
-    With unsynchronised BN each device normalises with its own 2-example statistics, so
-    there the 8-device run is compared with itself on 1 device only where the maths
-    agrees: that case checks that the runs differ (local statistics) but stay finite.
+    With `sync_batch_norm=False` each device normalises with its own 2-example statistics,
+    so there the two runs must differ (while staying finite): the switch really switches.
     """
     config = tiny_config(sync_batch_norm=sync_batch_norm)
-    one, history_one = run_steps(config, 1, PHASES)
-    eight, history_eight = run_steps(config, 8, PHASES)
+    phases = PHASES if sync_batch_norm else PHASES[:2]
+    one, history_one = run_steps(config, 1, phases)
+    eight, history_eight = run_steps(config, 8, phases)
     if not sync_batch_norm:
         assert np.isfinite([h["loss"] for h in history_eight]).all()
         assert not np.allclose(history_one[-1]["loss"], history_eight[-1]["loss"], atol=1e-4)
