@@ -219,16 +219,6 @@ def check_variables(variables: Mapping[str, Any], template: Mapping[str, Any], s
         f"config builds a {expected}; pass the config it was trained with. ({detail})")
 
 
-def _load_torch_state_dict(path: str) -> Mapping[str, Any]:
-    import torch  # pylint: disable=import-outside-toplevel
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pickled extras (argparse.Namespace, ...): see torch_import
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else {}
-
-
 def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any], *,
                    workdir: str = "", step: int | None = None, torch_checkpoint: str = ""
                    ) -> tuple[dict[str, Any], str]:
@@ -243,7 +233,7 @@ def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any
             variables = torch_import.load_torch_checkpoint(torch_checkpoint, template)
         except ValueError as e:
             try:
-                seems = describe_torch_state_dict(_load_torch_state_dict(torch_checkpoint))
+                seems = describe_torch_state_dict(torch_import.read_torch_state_dict(torch_checkpoint))
             except Exception:  # pylint: disable=broad-except
                 seems = "model that could not be identified"
             lines = str(e).splitlines()

@@ -108,11 +108,8 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray],
     return traverse_util.unflatten_dict(converted)
 
 
-def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> dict[str, Any]:
-    """Reads a PyTorch `.pth` file (a state_dict, or a dict with a 'state_dict' entry) into Flax.
-
-    See `torch_state_dict_to_flax` for the mapping and the template `variables`.
-    """
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state_dict of a PyTorch `.pth` file (raw, or under a 'state_dict' entry) as NumPy."""
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
@@ -137,4 +134,12 @@ def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any])
         # NumPy has no bfloat16: floats go through float32 (the template decides the dtype).
         return (value.float() if value.is_floating_point() else value).numpy()
 
-    return torch_state_dict_to_flax({key: to_numpy(value) for key, value in checkpoint.items()}, variables)
+    return {key: to_numpy(value) for key, value in checkpoint.items()}
+
+
+def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Reads a PyTorch `.pth` file (a state_dict, or a dict with a 'state_dict' entry) into Flax.
+
+    See `torch_state_dict_to_flax` for the mapping and the template `variables`.
+    """
+    return torch_state_dict_to_flax(read_torch_state_dict(path), variables)

@@ -259,21 +259,6 @@ def _checkpoint_meta(config, step: int, steps_per_epoch: int) -> dict[str, Any]:
             "batch_size": config.batch_size, "seed": config.seed}
 
 
-def _load_initial_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any]) -> dict:
-    """Params and BN statistics of a BAS-stage run: our workdir or a PyTorch .pth file."""
-    source = config.init_from
-    if source.endswith((".pth", ".pt")):
-        from fgc_jax import torch_import  # optional torch extra
-        return torch_import.load_torch_checkpoint(source, template)
-    variables, _ = checkpointing.restore_model_variables(source)
-    for name in ("params", "batch_stats"):
-        expected = jax.tree.map(lambda x: x.shape, template[name])
-        found = jax.tree.map(lambda x: x.shape, variables[name])
-        if expected != found:
-            raise ValueError(f"init_from={source!r} holds {name} of another model than the config's")
-    return variables
-
-
 class _PreemptionFlag:
     """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
 
@@ -338,8 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, _ = checkpointing.restore(manager, latest, abstract, config)
         logging.info("Resumed from checkpoint %d in %s", latest, workdir)
     elif config.init_from:
-        variables = _load_initial_variables(config, {"params": state.params,
-                                                     "batch_stats": state.batch_stats})
+        # A BAS-stage run: a PyTorch .pth of the reference, or one of our workdirs.
+        source = {"torch_checkpoint" if config.init_from.endswith((".pth", ".pt")) else "workdir":
+                  config.init_from}
+        variables, _ = evaluate.load_variables(
+            config, {"params": state.params, "batch_stats": state.batch_stats}, **source)
         start = config.bas.epochs * steps_per_epoch
         state = jax.device_put(state.replace(
             step=jnp.asarray(start, jnp.int32), params=variables["params"],

@@ -201,3 +201,22 @@ def test_quickstart_completes(tmp_path):
     assert {m["step"] for m in records if "fgc" in m}  # the FGC stage ran
     final = [m for m in records if "eval/top1" in m][-1]
     assert final["step"] == 132 and final["eval/top1"] > 0.6
+
+
+@pytest.mark.slow
+def test_fgc_stage_starts_from_the_released_bas_checkpoint(tmp_path, cifar_mini_dir, bas_checkpoint):
+    """init_from a PyTorch .pth: training starts at epoch bas.epochs with the trained network."""
+    pytest.importorskip("torch")
+    config = resnet20_cifar.get_config()
+    config.data.source = "cifar_bin"
+    config.data.dir = str(cifar_mini_dir)
+    config.init_from = str(bas_checkpoint)
+    config.update_from_flattened_dict({
+        "batch_size": 256, "eval_batch_size": 512, "num_epochs": 2, "bas.epochs": 1,
+        "fgc.k": 20, "log_every_steps": 2, "eval_every_epochs": 1, "checkpoint_every_steps": 10_000})
+    report = train.train_and_evaluate(config, str(tmp_path))
+    records = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert records[0]["step"] == 20  # training began at step 19: the BAS epoch was skipped
+    assert "fgc" in records[0] and records[0]["kappa"] == pytest.approx(0.003)
+    assert records[0]["accuracy"] > 0.6  # a trained network from the first step (chance: 0.1)
+    assert report["top1"] > 0.6
