@@ -109,8 +109,10 @@ def nearest_neighbours(features: Array, index: Array, feature_bank_shard: Array,
 
     k_local = min(k, rows.shape[0])
     if method == "approx":
+        # Recall is defined over the whole (padded) bank that the shards split between them.
+        total_rows = rows.shape[0] * (1 if axis_name is None else lax.axis_size(axis_name))
         values, local = lax.approx_max_k(sims, k_local, recall_target=0.95,
-                                         reduction_input_size_override=num_valid_rows)
+                                         reduction_input_size_override=total_rows)
     else:
         values, local = lax.top_k(sims, k_local)
     candidates = local + rows[0]
