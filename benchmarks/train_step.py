@@ -1,0 +1,203 @@
+"""Throughput of the full FGC train step, side by side with the PyTorch comparator.
+
+Times `Trainer.train_step` in the FGC-with-neighbours phase (cross-entropy + L0 + the
+FGC loss over two 50,000-row memory banks with k=200 neighbours + both bank updates +
+Nesterov SGD) on the current JAX backend with ONE device, for each depth, batch and
+compute dtype asked for, and runs `../shared/bench/torch_fgc_step.py` (same depth,
+batch, bank size and k, `--threads` = this machine's cores) in a subprocess of the
+same invocation, interleaved with the JAX repetitions so both see the same machine
+load. Prints one table with a `ratio` column (JAX img/s / PyTorch img/s):
+
+  python benchmarks/train_step.py --depths 20 56 --batches 128 256 \
+      --dtypes float32 bfloat16 --steps 5 --repeats 3
+
+Synthetic data: normalised random images, random labels, random distinct dataset
+indices (a fresh set each step, cycled over a few pre-built batches). The JAX time of a
+repetition is `steps` consecutive steps ended by `block_until_ready`, after compilation
+and `--warmup` untimed steps; the table shows the median over the repetitions (and the
+per-repetition spread). `--xla_force_host_platform_device_count` is dropped from
+XLA_FLAGS before JAX starts so the step runs as a user would run it on this host.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TORCH_SCRIPT = REPO.parent / "shared" / "bench" / "torch_fgc_step.py"
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    p.add_argument("--batches", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="fgc_jax compute dtype (params stay float32); PyTorch always runs float32")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--bank", type=int, default=50000, help="training-set size = rows of each memory bank")
+    p.add_argument("--k", type=int, default=200, help="nearest neighbours per example")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
+    p.add_argument("--torch_script", default=str(TORCH_SCRIPT),
+                   help="the PyTorch comparator; '' skips it")
+    return p.parse_args(argv)
+
+
+def _strip_virtual_devices() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    cleaned = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags).strip()
+    if cleaned != flags:
+        print(f"note: dropped --xla_force_host_platform_device_count from XLA_FLAGS (now {cleaned!r})")
+        os.environ["XLA_FLAGS"] = cleaned
+
+
+def _run_torch(script: str, depth: int, batch: int, args: argparse.Namespace) -> float | None:
+    """ms/step of one comparator run (its own 3 warm-up steps are excluded), or None."""
+    cmd = [sys.executable, script, "--depth", str(depth), "--batch", str(batch), "--steps", str(args.steps),
+           "--bank", str(args.bank), "--k", str(args.k), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    match = re.search(r"([\d.]+) ms/step", out.stdout)
+    if out.returncode or not match:
+        print(f"warning: PyTorch comparator failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return float(match.group(1))
+
+
+class JaxStep:
+    """One compiled FGC_NEIGHBOURS step of one configuration, with its state and batches."""
+
+    def __init__(self, depth: int, batch: int, dtype: str, args: argparse.Namespace):
+        import jax
+        import numpy as np
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from configs import resnet20_cifar
+        from fgc_jax import input_pipeline
+        from fgc_jax.schedules import Phase
+        from fgc_jax.train import Trainer
+
+        config = resnet20_cifar.get_config()
+        config.model.depth = depth
+        config.batch_size = batch
+        config.compute_dtype = dtype
+        config.fgc.k = args.k
+        info = input_pipeline.DatasetInfo(name="synthetic", num_train=args.bank, num_test=10000, num_classes=10,
+                                          image_shape=(32, 32, 3))
+        mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+        steps_per_epoch = args.bank // batch
+        self.trainer = Trainer(config, info, mesh, steps_per_epoch)
+        self.phase = Phase.FGC_NEIGHBOURS
+        state = self.trainer.create_state(seed=0)
+        # Start inside the FGC-with-neighbours stage, so the loss weights are that stage's.
+        start = (config.bas.epochs + config.fgc.warmup_epochs) * steps_per_epoch
+        self.state = state.replace(step=jax.device_put(np.int32(start), self.trainer.shardings.step))
+
+        rng = np.random.default_rng(0)
+        sharding = NamedSharding(mesh, P("data"))
+        mean, std = np.asarray(CIFAR_MEAN, np.float32), np.asarray(CIFAR_STD, np.float32)
+        self.batches = []
+        for _ in range(4):
+            pixels = rng.integers(0, 256, (batch, 32, 32, 3)).astype(np.float32) / 255.0
+            host = {"image": (pixels - mean) / std,
+                    "label": rng.integers(0, 10, batch).astype(np.int32),
+                    "index": rng.permutation(args.bank)[:batch].astype(np.int32)}
+            self.batches.append({k: jax.device_put(v, sharding) for k, v in host.items()})
+        self._i = 0
+        t0 = time.perf_counter()
+        self.run(1)
+        self.compile_s = time.perf_counter() - t0
+        self.run(args.warmup)
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` consecutive steps, ended by block_until_ready."""
+        import jax
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.trainer.train_step(self.state, self.batches[self._i % 4], self.phase)
+            self._i += 1
+        jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - t0) / max(steps, 1)
+
+    def close(self) -> None:
+        del self.state, self.batches, self.trainer
+
+
+def _fmt_spread(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}" if values else "-"
+
+
+def main(argv=None) -> list[dict]:
+    args = _parse_args(argv)
+    _strip_virtual_devices()
+    sys.path.insert(0, str(REPO))
+    import jax
+
+    script = args.torch_script if args.torch_script and pathlib.Path(args.torch_script).is_file() else ""
+    if args.torch_script and not script:
+        print(f"note: {args.torch_script} not found; PyTorch column left empty")
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+          f"{os.cpu_count()} CPU cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"bank={args.bank} k={args.k}, {args.steps} steps x {args.repeats} repeats, median")
+    rows = []
+    for depth in args.depths:
+        for batch in args.batches:
+            steps = {}
+            for dtype in args.dtypes:
+                steps[dtype] = JaxStep(depth, batch, dtype, args)
+            jax_ms = {dtype: [] for dtype in args.dtypes}
+            torch_ms = []
+            load = []
+            for _ in range(args.repeats):  # interleaved: each repetition times every variant once
+                for dtype, step in steps.items():
+                    jax_ms[dtype].append(1e3 * step.run(args.steps))
+                if script:
+                    ms = _run_torch(script, depth, batch, args)
+                    if ms is not None:
+                        torch_ms.append(ms)
+                load.append(os.getloadavg()[0])
+            torch_med = statistics.median(torch_ms) if torch_ms else None
+            for dtype, step in steps.items():
+                med = statistics.median(jax_ms[dtype])
+                row = {"depth": depth, "batch": batch, "dtype": dtype, "jax_ms": med,
+                       "jax_img_s": batch / med * 1e3, "jax_spread": _fmt_spread(jax_ms[dtype]),
+                       "compile_s": step.compile_s, "torch_ms": torch_med,
+                       "torch_img_s": batch / torch_med * 1e3 if torch_med else None,
+                       "torch_spread": _fmt_spread(torch_ms), "load": statistics.median(load)}
+                row["ratio"] = row["jax_img_s"] / row["torch_img_s"] if torch_med else None
+                rows.append(row)
+                step.close()
+                print(f"  ResNet-{depth} batch {batch} {dtype}: jax {med:.1f} ms/step, torch "
+                      f"{torch_med or float('nan'):.1f} ms/step (load {row['load']:.1f})", flush=True)
+    _print_table(rows, args)
+    return rows
+
+
+def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    header = (f"{'model':>9} {'batch':>5} {'dtype':>8} | {'jax ms/step':>11} {'(min-max)':>11} {'img/s':>7} | "
+              f"{'torch ms/step':>13} {'(min-max)':>11} {'img/s':>7} | {'ratio':>5} | {'load':>4} {'compile':>7}")
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        torch_ms = f"{r['torch_ms']:.1f}" if r["torch_ms"] else "-"
+        torch_ips = f"{r['torch_img_s']:.1f}" if r["torch_img_s"] else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        print(f"{'ResNet-' + str(r['depth']):>9} {r['batch']:>5} {r['dtype']:>8} | {r['jax_ms']:>11.1f} "
+              f"{r['jax_spread']:>11} {r['jax_img_s']:>7.1f} | {torch_ms:>13} {r['torch_spread']:>11} "
+              f"{torch_ips:>7} | {ratio:>5} | {r['load']:>4.1f} {r['compile_s']:>6.0f}s")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
