@@ -49,6 +49,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
     p.add_argument("--torch_script", default=str(TORCH_SCRIPT),
                    help="the PyTorch comparator; '' skips it")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print where the step's time goes: the step of each phase (model only, "
+                        "+ FGC instance loss, + k-NN) and a profiler trace grouped by kind of work")
     return p.parse_args(argv)
 
 
@@ -118,19 +121,128 @@ class JaxStep:
         self.compile_s = time.perf_counter() - t0
         self.run(args.warmup)
 
-    def run(self, steps: int) -> float:
+    def run(self, steps: int, phase=None) -> float:
         """Seconds per step over `steps` consecutive steps, ended by block_until_ready."""
         import jax
 
+        phase = phase or self.phase
         t0 = time.perf_counter()
         for _ in range(steps):
-            self.state, metrics = self.trainer.train_step(self.state, self.batches[self._i % 4], self.phase)
+            self.state, metrics = self.trainer.train_step(self.state, self.batches[self._i % 4], phase)
             self._i += 1
         jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - t0) / max(steps, 1)
 
+    def phase_breakdown(self, steps: int, repeats: int) -> dict[str, float]:
+        """Median ms/step of the step compiled for each phase, interleaved."""
+        from fgc_jax.schedules import Phase
+
+        phases = [Phase.SPARSITY, Phase.FGC_INSTANCE, Phase.FGC_NEIGHBOURS]
+        for phase in phases:  # compile + warm up
+            self.run(2, phase)
+        times = {phase: [] for phase in phases}
+        for _ in range(repeats):
+            for phase in phases:
+                times[phase].append(1e3 * self.run(steps, phase))
+        return {phase.value: statistics.median(t) for phase, t in times.items()}
+
+    def profile(self, steps: int) -> list[tuple[str, float]]:
+        """Per-step thunk time of the FGC_NEIGHBOURS step from a profiler trace, by kind of work."""
+        import tempfile
+
+        import jax
+
+        hlo = self.trainer._steps[self.phase].lower(self.state, self.batches[0]).compile().as_text()
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir):
+                self.run(steps)
+            (path,) = pathlib.Path(trace_dir).rglob("*.xplane.pb")
+            data = jax.profiler.ProfileData.from_file(str(path))
+        per_thunk: dict[str, float] = {}
+        for plane in data.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLAEigen"):  # the executor threads that run thunks
+                    continue
+                for event in line.events:
+                    if not event.name.startswith(("ThunkExecutor", "ThreadpoolListener", "end:", "Slinky")):
+                        per_thunk[event.name] = per_thunk.get(event.name, 0.0) + event.duration_ns
+        kinds: dict[str, float] = {}
+        classify = _HloClassifier(hlo, self.trainer.info.num_train)
+        for name, ns in per_thunk.items():
+            kind = classify(name)
+            kinds[kind] = kinds.get(kind, 0.0) + ns / 1e6 / steps
+        return sorted(kinds.items(), key=lambda kv: -kv[1])
+
     def close(self) -> None:
         del self.state, self.batches, self.trainer
+
+
+class _HloClassifier:
+    """Names the kind of work of a thunk of the compiled step from its HLO instruction."""
+
+    def __init__(self, hlo: str, bank_rows: int):
+        self.defs: dict[str, str] = {}
+        self.bodies: dict[str, str] = {}
+        current = None
+        for line in hlo.split("\n"):
+            head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+            if head:
+                current = head.group(1)
+                self.bodies[current] = ""
+                continue
+            if current is not None:
+                self.bodies[current] += line + "\n"
+            inst = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*)", line)
+            if inst:
+                self.defs.setdefault(inst.group(1), inst.group(2))
+        self.bank_rows = bank_rows
+
+    def __call__(self, name: str) -> str:
+        inst = self.defs.get(name, "")
+        if not inst:
+            return "other (runtime)"
+        called = re.search(r"calls=%?([\w.\-]+)", inst)
+        body = self.bodies.get(called.group(1), "") if called else ""
+        root = re.search(r"ROOT %[\w.\-]+ = \S+ ([\w\-]+)\((.*)", body)
+        opcode = root.group(1) if root else inst.split("(")[0].split(" ")[-1]
+        root_text = root.group(0) if root else inst
+        op_name = (re.findall(r'op_name="([^"]*)"', root_text) or re.findall(r'op_name="([^"]*)"', inst)
+                   or [""])[0]
+        shape = inst.split(" ")[0]
+        backward = "transpose(jvp" in op_name
+        if 'custom_call_target="TopK"' in inst + body:
+            return "FGC: top-k over the feature bank"
+        if "bd,nd->bn" in op_name:
+            return "FGC: bank matmuls (" + ("backward" if backward else "forward") + ")"
+        if f"[{self.bank_rows}," in shape or f",{self.bank_rows}]" in shape:
+            return "FGC: softmax/masks over bank rows, bank updates"
+        if opcode == "convolution":
+            if re.match(r"\w+\[\d+,[13],[13],\d+\]", shape):
+                return "conv: weight gradient"
+            return "conv: input gradient" if backward else "conv: forward"
+        if opcode == "transpose" or name.startswith("transpose"):
+            return "layout transposes (conv weight gradients)"
+        if opcode == "dot" and "...c,cd->...d" in op_name:
+            return "block-input materialisation (resnet._materialise)"
+        if "jvp(" not in op_name:
+            return "optimizer, metrics, loss weights, RNG"
+        return "BN / ReLU / gates / losses (" + ("backward" if backward else "forward") + ")"
+
+
+def _print_breakdown(label: str, phases: dict[str, float], kinds: list[tuple[str, float]]) -> None:
+    print(f"\n{label}: step time by phase (median ms/step; each phase is compiled separately)")
+    model = phases["sparsity"]
+    print(f"  model only (CE + L0 + SGD; phase 'sparsity'):            {model:8.1f}")
+    print(f"  + FGC loss, instance positives ('fgc_instance'):         {phases['fgc_instance']:8.1f}  "
+          f"(+{phases['fgc_instance'] - model:.1f})")
+    print(f"  + k-NN positives, the full step ('fgc_neighbours'):      {phases['fgc_neighbours']:8.1f}  "
+          f"(+{phases['fgc_neighbours'] - phases['fgc_instance']:.1f})")
+    total = sum(ms for _, ms in kinds)
+    print(f"{label}: profiler trace of the full step, thunk time by kind (sums to {total:.0f} ms/step of "
+          "thunk time; thunks may overlap, other processes inflate them: read as shares)")
+    for kind, ms in kinds:
+        print(f"  {kind:58s} {ms:8.1f} ms {100 * ms / total:5.1f}%")
+    sys.stdout.flush()
 
 
 def _fmt_spread(values: list[float]) -> str:
@@ -176,6 +288,9 @@ def main(argv=None) -> list[dict]:
                        "torch_spread": _fmt_spread(torch_ms), "load": statistics.median(load)}
                 row["ratio"] = row["jax_img_s"] / row["torch_img_s"] if torch_med else None
                 rows.append(row)
+                if args.breakdown:
+                    _print_breakdown(f"ResNet-{depth} batch {batch} {dtype}",
+                                     step.phase_breakdown(args.steps, args.repeats), step.profile(args.steps))
                 step.close()
                 print(f"  ResNet-{depth} batch {batch} {dtype}: jax {med:.1f} ms/step, torch "
                       f"{torch_med or float('nan'):.1f} ms/step (load {row['load']:.1f})", flush=True)

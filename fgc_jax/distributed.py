@@ -14,7 +14,8 @@ errors within `timeout_seconds`:
 
 - coordinator unreachable (wrong host or port, process 0 not started): every other process
   fails after the timeout naming the address (JAX itself aborts the interpreter with
-  "another task died");
+  "another task died"); a process that did reach process 0 waits at most one more timeout
+  for its answer;
 - processes started with different `--num_processes` (JAX silently uses process 0's);
 - two processes with the same `--process_id`, or a process missing;
 - `process_id` outside `[0, num_processes)` fails before anything is contacted.
@@ -172,13 +173,17 @@ def _rendezvous_coordinator(port: int, num_processes: int, deadline: float) -> N
 
 def _rendezvous_worker(host: str, port: int, process_id: int, num_processes: int, deadline: float,
                        timeout_seconds: float) -> None:
-    """Process i > 0: reports to process 0 until it answers or the deadline passes."""
+    """Process i > 0: reports to process 0 until it answers or the deadline passes.
+
+    Once connected, it waits up to `timeout_seconds` more for the answer: process 0 answers
+    when all processes have reported or its own deadline (which may be later) has passed.
+    """
     last_error = "no attempt"
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.01)) as conn:
                 _send(conn, {"magic": _MAGIC, "process_id": process_id, "num_processes": num_processes})
-                verdict = _receive(conn, deadline)
+                verdict = _receive(conn, time.monotonic() + timeout_seconds)
             if verdict is not None:
                 if not verdict.get("ok"):
                     raise DistributedStartupError(

@@ -360,10 +360,12 @@ def test_rendezvous_names_a_duplicate_process_id():
 
 def test_rendezvous_names_the_missing_processes_after_the_timeout():
     started = time.monotonic()
-    outcome = rendezvous([(2, 3)], timeout=2.0)
+    # A generous timeout: the worker thread must connect before the shared deadline even on a
+    # loaded machine; the bound below still proves the wait is finite.
+    outcome = rendezvous([(2, 3)], timeout=8.0)
     assert "processes [1] of 3 did not report within the timeout" in outcome["0"]
     assert "rejected this run" in outcome["2/3#0"]
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30
 
 
 def test_rendezvous_ignores_connections_that_are_not_processes_of_the_run():
