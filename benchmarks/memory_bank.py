@@ -214,7 +214,7 @@ def format_tables(results: list[dict], batch: int) -> str:
 
 def parse_args(argv=None):
     def ints(text):
-        return [int(float(x)) for x in text.split(",")]
+        return [int(float(x)) for x in text.split(",") if x.strip()]
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -49,18 +49,22 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
     p.add_argument("--torch_script", default=str(TORCH_SCRIPT),
                    help="the PyTorch comparator; '' skips it")
+    p.add_argument("--xla_flags", default="",
+                   help="appended to XLA_FLAGS before JAX starts, e.g. "
+                        "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution' (see README)")
     p.add_argument("--breakdown", action="store_true",
                    help="also print where the step's time goes: the step of each phase (model only, "
                         "+ FGC instance loss, + k-NN) and a profiler trace grouped by kind of work")
     return p.parse_args(argv)
 
 
-def _strip_virtual_devices() -> None:
+def _set_xla_flags(extra: str) -> None:
+    """Drops the virtual-device flag (tests set it) and appends `extra`, before JAX starts."""
     flags = os.environ.get("XLA_FLAGS", "")
     cleaned = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags).strip()
     if cleaned != flags:
-        print(f"note: dropped --xla_force_host_platform_device_count from XLA_FLAGS (now {cleaned!r})")
-        os.environ["XLA_FLAGS"] = cleaned
+        print("note: dropped --xla_force_host_platform_device_count from XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{cleaned} {extra}".strip()
 
 
 def _run_torch(script: str, depth: int, batch: int, args: argparse.Namespace) -> float | None:
@@ -251,7 +255,9 @@ def _fmt_spread(values: list[float]) -> str:
 
 def main(argv=None) -> list[dict]:
     args = _parse_args(argv)
-    _strip_virtual_devices()
+    if "jax" in sys.modules:
+        print("warning: JAX was imported before the benchmark set XLA_FLAGS", file=sys.stderr)
+    _set_xla_flags(args.xla_flags)
     sys.path.insert(0, str(REPO))
     import jax
 

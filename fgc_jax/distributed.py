@@ -15,7 +15,7 @@ errors within `timeout_seconds`:
 - coordinator unreachable (wrong host or port, process 0 not started): every other process
   fails after the timeout naming the address (JAX itself aborts the interpreter with
   "another task died"); a process that did reach process 0 waits at most one more timeout
-  for its answer;
+  (plus a few seconds' grace) for its answer;
 - processes started with different `--num_processes` (JAX silently uses process 0's);
 - two processes with the same `--process_id`, or a process missing;
 - `process_id` outside `[0, num_processes)` fails before anything is contacted.
@@ -40,6 +40,9 @@ ENV_SKIP_RENDEZVOUS = "FGC_SKIP_RENDEZVOUS"
 
 _MAGIC = "fgc-rendezvous-1"
 _RETRY_SECONDS = 0.25
+# How much longer than its own timeout a connected process waits for process 0's answer:
+# process 0 answers at the end of *its* timeout, which may have started a moment later.
+_ANSWER_GRACE_SECONDS = 10.0
 
 
 class DistributedStartupError(RuntimeError):
@@ -175,15 +178,16 @@ def _rendezvous_worker(host: str, port: int, process_id: int, num_processes: int
                        timeout_seconds: float) -> None:
     """Process i > 0: reports to process 0 until it answers or the deadline passes.
 
-    Once connected, it waits up to `timeout_seconds` more for the answer: process 0 answers
-    when all processes have reported or its own deadline (which may be later) has passed.
+    Once connected, it waits up to `timeout_seconds` (plus a grace period) more for the answer:
+    process 0 answers when all processes have reported or its own deadline (which may be
+    later) has passed.
     """
     last_error = "no attempt"
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.01)) as conn:
                 _send(conn, {"magic": _MAGIC, "process_id": process_id, "num_processes": num_processes})
-                verdict = _receive(conn, time.monotonic() + timeout_seconds)
+                verdict = _receive(conn, time.monotonic() + timeout_seconds + _ANSWER_GRACE_SECONDS)
             if verdict is not None:
                 if not verdict.get("ok"):
                     raise DistributedStartupError(
