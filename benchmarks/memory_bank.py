@@ -4,10 +4,11 @@
     python benchmarks/memory_bank.py --rows 50000 --dims 64,256 --devices 1,2 --repeats 3
 
 One "FGC block step" is what the train step does per FGC block: k-NN of the global batch's
-features in the feature bank (per-shard top-k + all_to_all merge), the contrastive loss over
-the gate bank (softmax normaliser combined over shards), its gradient w.r.t. the gate logits,
-and the momentum update of both banks: `jax.jit` of `jax.shard_map` over the 'data' axis of
-`fgc_jax.memory_bank` / `fgc_jax.losses`, banks sharded by rows, as in `fgc_jax.train`.
+features in the feature bank (per-shard top-k, merged on the example's device), the
+contrastive loss over the gate bank (softmax normaliser combined over shards), its gradient
+w.r.t. the gate logits, and the momentum update of both banks: `jax.jit` of `jax.shard_map`
+over the 'data' axis of `fgc_jax.memory_bank` / `fgc_jax.losses`, banks sharded by rows, as
+in `fgc_jax.train`.
 
 Each device count runs in its own subprocess with
 `XLA_FLAGS=--xla_force_host_platform_device_count=D` (the count is fixed when JAX starts).
@@ -93,8 +94,8 @@ def build_step(mesh, rows: int, k: int, method: str):
 
 
 def run_case(mesh, rows: int, dim: int, dtype: str, batch: int, k: int, repeats: int,
-             method: str = "exact", seed: int = 0) -> dict:
-    """Times one (rows, dim, dtype) case on `mesh`; returns a result row."""
+             method: str = "exact", seed: int = 0, warmup: bool = True) -> dict:
+    """Times one (rows, dim, dtype) case on `mesh` (after an untimed run if `warmup`)."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -123,11 +124,12 @@ def run_case(mesh, rows: int, dim: int, dtype: str, batch: int, k: int, repeats:
     step = step.lower(*inputs, feature_bank, gate_bank).compile()
     compile_seconds = time.perf_counter() - started
     times = []
-    for _ in range(max(repeats, 1)):
+    for i in range(max(repeats, 1) + int(warmup)):
         started = time.perf_counter()
         loss, grad, feature_bank, gate_bank = step(*inputs, feature_bank, gate_bank)
         jax.block_until_ready((loss, grad, feature_bank, gate_bank))
-        times.append(time.perf_counter() - started)
+        if i or not warmup:
+            times.append(time.perf_counter() - started)
     if not np.isfinite(float(loss)):
         raise FloatingPointError(f"non-finite FGC loss for rows={rows} dim={dim} dtype={dtype}")
     shard_rows = padded_rows(rows, devices) // devices
@@ -154,10 +156,12 @@ def worker(args) -> None:
     for rows in args.rows:
         for dim in args.dims:
             for dtype in args.dtypes:
-                # Affordable: fewer timed repeats for big cases and once the budget is spent.
+                # Affordable: big cases (where a first run's one-off costs are small in
+                # comparison) and cases past the budget are timed once, without a warm-up run.
                 big = rows * dim >= 2e8
                 repeats = 1 if (big or time.monotonic() > budget_end) else args.repeats
-                result = run_case(mesh, rows, dim, dtype, args.batch, args.k, repeats, args.method)
+                result = run_case(mesh, rows, dim, dtype, args.batch, args.k, repeats, args.method,
+                                  warmup=not big)
                 print(json.dumps(result), flush=True)
                 print(f"[{devices} devices] N={rows} D={dim} {dtype}: {result['ms_per_step']:.0f} ms "
                       f"(x{len(result['times_ms'])}, compile {result['compile_s']:.1f} s)", file=sys.stderr,
@@ -195,15 +199,25 @@ def run_device_count(devices: int, args) -> list[dict]:
 
 
 def format_tables(results: list[dict], batch: int) -> str:
+    """Markdown tables: one row per (N, D, dtype), the device counts side by side."""
+    devices = sorted({r["devices"] for r in results})
+    cases: dict[tuple, dict[int, dict]] = {}
+    for r in results:
+        cases.setdefault((r["rows"], r["dim"], r["dtype"] != "float32", r["dtype"]), {})[r["devices"]] = r
+
+    def across(case: dict[int, dict], key: str, scale: float, digits: int) -> str:
+        return " / ".join(f"{case[d][key] / scale:,.{digits}f}" if d in case else "-" for d in devices)
+
+    counts = "/".join(str(d) for d in devices)
     lines = [f"FGC block step (k-NN + loss + grad + bank update), global batch {batch}, "
-             f"k={results[0]['k'] if results else '?'}, virtual CPU devices sharing 2 cores",
+             f"k={results[0]['k'] if results else '?'}, on {counts} virtual CPU devices sharing 2 cores",
              "",
-             "| N | D | dtype | devices | bank MB / device (2 banks) | GFLOP / device | ms / step (measured) |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["rows"], r["dim"], r["dtype"] != "float32", r["devices"])):
-        lines.append(f"| {r['rows']:,} | {r['dim']} | {r['dtype']} | {r['devices']} | "
-                     f"{r['bank_bytes_per_device'] / 2**20:,.1f} | {r['flops_per_device'] / 1e9:,.2f} | "
-                     f"{r['ms_per_step']:,.0f} |")
+             f"| N | D | bank dtype | bank MB per device (2 banks), {counts} devices "
+             "| GFLOP per device | ms per step (measured) |",
+             "|---:|---:|---|---:|---:|---:|"]
+    for (rows, dim, _, dtype), case in sorted(cases.items()):
+        lines.append(f"| {rows:,} | {dim} | {dtype} | {across(case, 'bank_bytes_per_device', 2**20, 1)} "
+                     f"| {across(case, 'flops_per_device', 1e9, 1)} | {across(case, 'ms_per_step', 1, 0)} |")
     lines += ["", "Share of a ResNet-18 224-px train step (FLOPs; independent of batch and device count;",
               f"step = 3 x 2 x {RESNET18_FORWARD_MACS:.3g} FLOPs/image, FGC = blocks x 6 N D FLOPs/image):", "",
               "| N | D | 1 FGC block | 2 FGC blocks (ResNet-18) |", "|---:|---:|---:|---:|"]

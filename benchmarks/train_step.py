@@ -50,8 +50,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch_script", default=str(TORCH_SCRIPT),
                    help="the PyTorch comparator; '' skips it")
     p.add_argument("--xla_flags", default="",
-                   help="appended to XLA_FLAGS before JAX starts, e.g. "
-                        "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution' (see README)")
+                   help="appended to XLA_FLAGS before JAX starts: process-wide XLA options to try "
+                        "(the run's own per-step options are config.cpu_compiler_options)")
     p.add_argument("--breakdown", action="store_true",
                    help="also print where the step's time goes: the step of each phase (model only, "
                         "+ FGC instance loss, + k-NN) and a profiler trace grouped by kind of work")

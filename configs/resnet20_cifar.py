@@ -29,6 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tau = 2.0 / 3.0  # Gumbel-sigmoid temperature of the straight-through gates
     config.compute_dtype = "float32"  # 'float32' | 'bfloat16' (activations; params stay fp32)
     config.sync_batch_norm = True  # BatchNorm statistics over the global batch (all devices)
+    # XLA options for the train/eval steps on CPU only (ignored on GPU/TPU; see
+    # fgc_jax/compilation.py). XLA:CPU's default also routes convolutions to YNNPACK, whose
+    # weight gradients for these small convolutions run ~2x slower than XLA's Eigen ones
+    # (benchmarks/train_step.py): keep YNNPACK for dot products only. {} = XLA's defaults.
+    config.cpu_compiler_options = ml_collections.ConfigDict(
+        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
 
     # Optimisation (FGC_SPEC §3).
     config.batch_size = 256  # global training batch, split over all devices

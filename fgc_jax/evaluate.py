@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from fgc_jax import alignment, checkpointing, flops, input_pipeline
+from fgc_jax import alignment, checkpointing, compilation, flops, input_pipeline
 
 AXIS = "data"
 ALIGNMENT_KS = (5, 10, 50)
@@ -67,7 +67,7 @@ def resolve_blocks(blocks: Sequence[int], num_blocks: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_step(model, mesh: jax.sharding.Mesh, collect: bool):
+def _eval_step(model, mesh: jax.sharding.Mesh, collect: bool, compiler_options: tuple = ()):
     """A jitted eval forward pass returning per-example outputs, replicated on every device."""
     replicated = NamedSharding(mesh, P())
 
@@ -90,7 +90,7 @@ def _eval_step(model, mesh: jax.sharding.Mesh, collect: bool):
             out["gate"] = tuple(o.gate > 0.5 for o in gate_outputs)
         return out
 
-    return jax.jit(step, out_shardings=replicated)
+    return jax.jit(step, out_shardings=replicated, compiler_options=dict(compiler_options) or None)
 
 
 def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.ConfigDict,
@@ -110,7 +110,8 @@ def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.C
     [N, blocks], and per gated block lists feature, log_alpha (float32) and gate (bool).
     """
     start = time.perf_counter()
-    step = _eval_step(model, mesh, collect)
+    options = tuple(sorted((compilation.compiler_options(config) or {}).items()))
+    step = _eval_step(model, mesh, collect, options)
     variables = jax.device_put({"params": variables["params"],
                                 "batch_stats": variables.get("batch_stats", {})},
                                NamedSharding(mesh, P()))

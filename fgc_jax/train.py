@@ -28,7 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fgc_jax import checkpointing, evaluate, flops, input_pipeline, losses, memory_bank, schedules
+from fgc_jax import (checkpointing, compilation, evaluate, flops, input_pipeline, losses, memory_bank,
+                     schedules)
 from fgc_jax.metric_writers import MetricWriter
 from fgc_jax.models import create_model
 from fgc_jax.schedules import Phase
@@ -168,7 +169,8 @@ class Trainer:
         if phase not in self._steps:
             self._steps[phase] = jax.jit(functools.partial(self._train_step, phase=phase),
                                          in_shardings=(self.shardings, self.batch_sharding),
-                                         out_shardings=(self.shardings, None), donate_argnums=0)
+                                         out_shardings=(self.shardings, None), donate_argnums=0,
+                                         compiler_options=compilation.compiler_options(self.config))
         return self._steps[phase](state, batch)
 
     def _per_device_loss(self, params, batch_stats, banks, batch, rng, weights, phase: Phase):

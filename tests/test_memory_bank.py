@@ -280,3 +280,19 @@ def test_sharded_bfloat16_bank_finds_the_float32_neighbours(mesh):
     assert updated.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(updated, np.float32)[idx],
                                update_numpy(np.asarray(bf16_bank, np.float32), idx, f, 0.5)[idx], atol=1e-2)
+
+
+@pytest.mark.parametrize("via_all_gather", [False, True])
+def test_candidates_reach_the_device_that_holds_the_example(via_all_gather):
+    # Each of 8 shards proposes k=3 candidates for all 16 examples; device d must receive rows
+    # 2d, 2d+1 with the shards' candidates side by side in shard order (both routes: all_to_all
+    # on accelerators, all-gather on XLA:CPU).
+    shards, batch, k = 8, 16, 3
+    proposals = np.arange(shards * batch * k).reshape(shards, batch, k)  # [shard, example, j]
+    mesh = jax.make_mesh((shards,), ("data",))
+    route = jax.jit(jax.shard_map(
+        lambda x: memory_bank._to_owner(x[0], "data", via_all_gather=via_all_gather),
+        mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    received = np.asarray(route(jax.device_put(proposals, NamedSharding(mesh, P("data")))))
+    expected = proposals.transpose(1, 0, 2).reshape(batch, shards * k)  # [example, (shard, j)]
+    np.testing.assert_array_equal(received, expected)
