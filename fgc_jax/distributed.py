@@ -15,7 +15,7 @@ errors within `timeout_seconds`:
 - coordinator unreachable (wrong host or port, process 0 not started): every other process
   fails after the timeout naming the address (JAX itself aborts the interpreter with
   "another task died"); a process that did reach process 0 waits at most one more timeout
-  (plus a few seconds' grace) for its answer;
+  (plus 10 s of grace) for its answer;
 - processes started with different `--num_processes` (JAX silently uses process 0's);
 - two processes with the same `--process_id`, or a process missing;
 - `process_id` outside `[0, num_processes)` fails before anything is contacted.
