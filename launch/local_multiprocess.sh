@@ -30,18 +30,8 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "local_multiprocess.sh: $*" >&2; exit 2; }
 
-# Prints its arguments as one shell-quoted line (the quoting of Python's shlex.join).
-quote_line() {
-  local out=() arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$arg")
-    else
-      out+=("'${arg//\'/\'\"\'\"\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 num_processes="${NUM_PROCESSES:-2}"
 devices_per_process="${DEVICES_PER_PROCESS:-2}"

@@ -37,18 +37,8 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
-# Prints its arguments as one shell-quoted line (the quoting of Python's shlex.join).
-quote_line() {
-  local out=() arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$arg")
-    else
-      out+=("'${arg//\'/\'\"\'\"\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 dry_run=0
 create=1

