@@ -31,8 +31,6 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = REPO.parent / "shared" / "bench" / "torch_fgc_step.py"
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -111,7 +109,8 @@ class JaxStep:
 
         rng = np.random.default_rng(0)
         sharding = NamedSharding(mesh, P("data"))
-        mean, std = np.asarray(CIFAR_MEAN, np.float32), np.asarray(CIFAR_STD, np.float32)
+        mean = np.asarray(input_pipeline.CIFAR10_MEAN, np.float32)
+        std = np.asarray(input_pipeline.CIFAR10_STD, np.float32)
         self.batches = []
         for _ in range(4):
             pixels = rng.integers(0, 256, (batch, 32, 32, 3)).astype(np.float32) / 255.0
