@@ -16,7 +16,9 @@ indices (a fresh set each step, cycled over a few pre-built batches). The JAX ti
 repetition is `steps` consecutive steps ended by `block_until_ready`, after compilation
 and `--warmup` untimed steps; the table shows the median over the repetitions (and the
 per-repetition spread). `--xla_force_host_platform_device_count` is dropped from
-XLA_FLAGS before JAX starts so the step runs as a user would run it on this host.
+XLA_FLAGS before JAX starts, and the process restarts itself once with the config's
+`host_malloc_tunables` as `fgc_jax.main` does, so the step runs as a user would run it on
+this host. The PyTorch comparator runs in the environment the benchmark was started with.
 """
 from __future__ import annotations
 
@@ -69,7 +71,12 @@ def _run_torch(script: str, depth: int, batch: int, args: argparse.Namespace) ->
     """ms/step of one comparator run (its own 3 warm-up steps are excluded), or None."""
     cmd = [sys.executable, script, "--depth", str(depth), "--batch", str(batch), "--steps", str(args.steps),
            "--bank", str(args.bank), "--k", str(args.k), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # The comparator runs in the environment the benchmark was started with, as a PyTorch
+    # user would run it: without the malloc tunables fgc_jax's restart added.
+    from fgc_jax import host_memory
+
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env=host_memory.environ_before_restart())
     match = re.search(r"([\d.]+) ms/step", out.stdout)
     if out.returncode or not match:
         print(f"warning: PyTorch comparator failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -256,8 +263,13 @@ def main(argv=None) -> list[dict]:
     args = _parse_args(argv)
     if "jax" in sys.modules:
         print("warning: JAX was imported before the benchmark set XLA_FLAGS", file=sys.stderr)
-    _set_xla_flags(args.xla_flags)
     sys.path.insert(0, str(REPO))
+    from configs import resnet20_cifar
+    from fgc_jax import host_memory  # imports JAX but starts no backend, which reads XLA_FLAGS
+
+    # The same process set-up as `fgc_jax.main` (the PyTorch subprocesses do without it).
+    host_memory.reexec_with(resnet20_cifar.get_config().host_malloc_tunables)
+    _set_xla_flags(args.xla_flags)
     import jax
 
     script = args.torch_script if args.torch_script and pathlib.Path(args.torch_script).is_file() else ""
@@ -265,6 +277,7 @@ def main(argv=None) -> list[dict]:
         print(f"note: {args.torch_script} not found; PyTorch column left empty")
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
           f"{os.cpu_count()} CPU cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
           f"bank={args.bank} k={args.k}, {args.steps} steps x {args.repeats} repeats, median")
     rows = []
     for depth in args.depths:

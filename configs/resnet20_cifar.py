@@ -35,6 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
     # (benchmarks/train_step.py): keep YNNPACK for dot products only. {} = XLA's defaults.
     config.cpu_compiler_options = ml_collections.ConfigDict(
         {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
+    # glibc malloc settings (GLIBC_TUNABLES) for `fgc_jax.main`, which restarts itself once
+    # with them. hugetlb=1: transparent huge pages for large allocations, so XLA:CPU's
+    # per-step temporary buffers do not page-fault in 4 KiB at a time on every step
+    # (fgc_jax/host_memory.py). Settings already in the environment win; '' = glibc's defaults.
+    config.host_malloc_tunables = "glibc.malloc.hugetlb=1"
 
     # Optimisation (FGC_SPEC §3).
     config.batch_size = 256  # global training batch, split over all devices

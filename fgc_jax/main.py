@@ -6,7 +6,7 @@ Flags only; the work is `train.train_and_evaluate`. Config fields can be overrid
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fgc_jax import distributed, train
+from fgc_jax import distributed, host_memory, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -31,6 +31,7 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    host_memory.reexec_with(FLAGS.config.host_malloc_tunables)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.distributed_timeout, FLAGS.cpu_collectives)
