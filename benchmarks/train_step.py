@@ -67,16 +67,12 @@ def _set_xla_flags(extra: str) -> None:
     os.environ["XLA_FLAGS"] = f"{cleaned} {extra}".strip()
 
 
-def _run_torch(script: str, depth: int, batch: int, args: argparse.Namespace) -> float | None:
+def _run_torch(script: str, depth: int, batch: int, args: argparse.Namespace,
+               env: dict[str, str]) -> float | None:
     """ms/step of one comparator run (its own 3 warm-up steps are excluded), or None."""
     cmd = [sys.executable, script, "--depth", str(depth), "--batch", str(batch), "--steps", str(args.steps),
            "--bank", str(args.bank), "--k", str(args.k), "--threads", str(args.threads)]
-    # The comparator runs in the environment the benchmark was started with, as a PyTorch
-    # user would run it: without the malloc tunables fgc_jax's restart added.
-    from fgc_jax import host_memory
-
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         env=host_memory.environ_before_restart())
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     match = re.search(r"([\d.]+) ms/step", out.stdout)
     if out.returncode or not match:
         print(f"warning: PyTorch comparator failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -267,8 +263,10 @@ def main(argv=None) -> list[dict]:
     from configs import resnet20_cifar
     from fgc_jax import host_memory  # imports JAX but starts no backend, which reads XLA_FLAGS
 
-    # The same process set-up as `fgc_jax.main` (the PyTorch subprocesses do without it).
+    # The same process set-up as `fgc_jax.main`. The PyTorch comparator runs in the
+    # environment the benchmark was started with, as a PyTorch user would run it.
     host_memory.reexec_with(resnet20_cifar.get_config().host_malloc_tunables)
+    torch_env = host_memory.environ_before_restart()
     _set_xla_flags(args.xla_flags)
     import jax
 
@@ -292,7 +290,7 @@ def main(argv=None) -> list[dict]:
                 for dtype, step in steps.items():
                     jax_ms[dtype].append(1e3 * step.run(args.steps))
                 if script:
-                    ms = _run_torch(script, depth, batch, args)
+                    ms = _run_torch(script, depth, batch, args, torch_env)
                     if ms is not None:
                         torch_ms.append(ms)
                 load.append(os.getloadavg()[0])
