@@ -229,7 +229,7 @@ class _HloClassifier:
         if opcode == "transpose" or name.startswith("transpose"):
             return "layout transposes (conv weight gradients)"
         if opcode == "dot" and "...c,cd->...d" in op_name:
-            return "block-input materialisation (resnet._materialise)"
+            return "conv-input materialisation (resnet._materialise)"
         if "jvp(" not in op_name:
             return "optimizer, metrics, loss weights, RNG"
         return "BN / ReLU / gates / losses (" + ("backward" if backward else "forward") + ")"
@@ -245,7 +245,9 @@ def _print_breakdown(label: str, phases: dict[str, float], kinds: list[tuple[str
           f"(+{phases['fgc_neighbours'] - phases['fgc_instance']:.1f})")
     total = sum(ms for _, ms in kinds)
     print(f"{label}: profiler trace of the full step, thunk time by kind (sums to {total:.0f} ms/step of "
-          "thunk time; thunks may overlap, other processes inflate them: read as shares)")
+          "thunk time). Convolution thunks return before Eigen's work ends, so convolutions are mostly "
+          "missing here and other thunks' times include waiting for them: a guide to what runs, not a "
+          "time budget")
     for kind, ms in kinds:
         print(f"  {kind:58s} {ms:8.1f} ms {100 * ms / total:5.1f}%")
     sys.stdout.flush()

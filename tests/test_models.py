@@ -305,3 +305,15 @@ def test_imagenet_blocks_use_a_projection_shortcut_only_where_the_shape_changes(
     assert with_projection == ["layer2_0", "layer3_0", "layer4_0"]
     assert params["layer2_0"]["downsample_conv"]["kernel"].shape == (1, 1, 64, 128)
     assert params["conv1"]["kernel"].shape == (7, 7, 3, 64)
+
+
+def test_materialise_is_an_exact_identity_with_an_identity_gradient():
+    """The buffer-forcing identity of float32 CPU training must not change values or gradients."""
+    from fgc_jax.models.resnet import _materialise
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(2, 3, 3, 16)) * 10.0 ** rng.integers(-20, 20, (2, 3, 3, 16))).astype(np.float32)
+    np.testing.assert_array_equal(jax.jit(_materialise)(x), x)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(_materialise(x) * w)))(jnp.asarray(x))
+    np.testing.assert_array_equal(grad, w)

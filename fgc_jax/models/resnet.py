@@ -41,11 +41,11 @@ def _materialise(x: Array) -> Array:
 
     `x @ I` over the channels: a dot is never fused into its consumers, so the backward
     pass reads `x` from memory instead of recomputing it. Without it, XLA:CPU fuses the
-    chain of BN/ReLU/residual adds that produces a block input (reaching back over the
-    previous blocks) into each [N,H,W,C] -> [C,H,W,N] transpose that the weight gradient
-    of a convolution needs, and evaluates that whole chain in transposed, cache-hostile
-    order: about a quarter of a float32 CIFAR train step on a 2-core CPU. The gradient
-    passes through unchanged.
+    element-wise chain that produces a convolution's input (BN/ReLU/residual adds reaching
+    back over the previous blocks for a block input; BN, ReLU and the gate's noise, logits
+    and step for the gated input of conv2) into the [N,H,W,C] -> [C,H,W,N] transpose that
+    the convolution's weight gradient needs, and evaluates that chain in transposed,
+    cache-hostile order. The gradient passes through unchanged.
     """
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
     return jnp.einsum("...c,cd->...d", x, eye, precision=jax.lax.Precision.HIGHEST)
@@ -95,6 +95,8 @@ class GatedBasicBlock(nn.Module):
             feature = jax.lax.stop_gradient(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
             info = GateOutput(log_alpha=log_alpha, prob=prob, gate=gate, feature=feature)
             h = h * gate[:, None, None, :].astype(h.dtype)
+            if _needs_materialising(h, train):
+                h = _materialise(h)
         h = bn("bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(h))
 
         residual = x
