@@ -12,6 +12,7 @@ from flax import traverse_util
 
 from fgc_jax import models
 from fgc_jax.models import GatedBasicBlock, cifar_resnet, imagenet_resnet
+from fgc_jax.models.resnet import _materialise
 
 CIFAR_PLANES = (16, 32, 64)
 IMAGENET_PLANES = (64, 128, 256, 512)
@@ -309,8 +310,6 @@ def test_imagenet_blocks_use_a_projection_shortcut_only_where_the_shape_changes(
 
 def test_materialise_is_an_exact_identity_with_an_identity_gradient():
     """The buffer-forcing identity of float32 CPU training must not change values or gradients."""
-    from fgc_jax.models.resnet import _materialise
-
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(2, 3, 3, 16)) * 10.0 ** rng.integers(-20, 20, (2, 3, 3, 16))).astype(np.float32)
     np.testing.assert_array_equal(jax.jit(_materialise)(x), x)
