@@ -82,7 +82,8 @@ class GatedBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, GateOutput | None]:
-        if _needs_materialising(x, train):
+        materialise = _needs_materialising(x, train)  # conv inputs get buffers of their own
+        if materialise:
             x = _materialise(x)
         bn_axis = self.data_axis_name if self.sync_batch_norm else None
         bn = functools.partial(_batch_norm, train, bn_axis, self.dtype)
@@ -95,7 +96,7 @@ class GatedBasicBlock(nn.Module):
             feature = jax.lax.stop_gradient(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
             info = GateOutput(log_alpha=log_alpha, prob=prob, gate=gate, feature=feature)
             h = h * gate[:, None, None, :].astype(h.dtype)
-            if _needs_materialising(h, train):
+            if materialise:
                 h = _materialise(h)
         h = bn("bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(h))
 
