@@ -30,11 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.compute_dtype = "float32"  # 'float32' | 'bfloat16' (activations; params stay fp32)
     config.sync_batch_norm = True  # BatchNorm statistics over the global batch (all devices)
     # XLA options for the train/eval steps on CPU only (ignored on GPU/TPU; see
-    # fgc_jax/compilation.py). XLA:CPU's default also routes convolutions to YNNPACK, whose
-    # weight gradients for these small convolutions run ~2x slower than XLA's Eigen ones
-    # (benchmarks/train_step.py): keep YNNPACK for dot products only. {} = XLA's defaults.
-    config.cpu_compiler_options = ml_collections.ConfigDict(
-        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
+    # fgc_jax/compilation.py); '' keeps XLA's default. Opt-in speed-up, off by default because
+    # it moves float32 results beyond the reference's own float32 error (README, "Numerical
+    # fidelity"): LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT keeps YNNPACK for dot products only, whose
+    # convolution weight gradients are slow here, but leaves reductions (BatchNorm) to
+    # XLA's less accurate float32 loops.
+    config.cpu_compiler_options = ml_collections.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": ""})
     # glibc malloc settings (GLIBC_TUNABLES) for `fgc_jax.main`, which restarts itself once
     # with them. hugetlb=1: transparent huge pages for large allocations, so XLA:CPU's
     # per-step temporary buffers do not page-fault in 4 KiB at a time on every step

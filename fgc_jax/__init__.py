@@ -6,6 +6,8 @@ What another Flax project needs to gate its own blocks and train the gates with 
   decision) to put after a block's first convolution; `GateOutput` bundles what a block
   exposes (logits, probabilities, hard gates, pooled pre-gate feature).
 - `GatedBasicBlock`, `GatedResNet`, `cifar_resnet`, `imagenet_resnet`: ready models.
+- `BatchNorm`: PyTorch's BatchNorm (two-pass variance, unbiased running variance) with a
+  mask for padded batches, in Flax's variable layout.
 - Losses: `l0_loss`, `batch_shaping_loss`, `fgc_contrastive_loss`.
 - Memory banks: `init_bank`, `update_bank`, `nearest_neighbours` (each also works on a
   row shard inside `jax.shard_map` when given `axis_name`).
@@ -14,6 +16,7 @@ What another Flax project needs to gate its own blocks and train the gates with 
 Training, evaluation and checkpoint import live in `fgc_jax.train`, `fgc_jax.evaluate`
 and `fgc_jax.torch_import`.
 """
+from fgc_jax.batch_norm import BatchNorm
 from fgc_jax.flops import cost_model, dynamic_macs
 from fgc_jax.gates import ChannelGate, GateOutput, deterministic_gate, straight_through_gumbel_sigmoid
 from fgc_jax.losses import batch_shaping_loss, fgc_contrastive_loss, l0_loss
@@ -21,7 +24,7 @@ from fgc_jax.memory_bank import init_bank, nearest_neighbours, update_bank
 from fgc_jax.models import GatedBasicBlock, GatedResNet, cifar_resnet, imagenet_resnet
 
 __all__ = [
-    "ChannelGate", "GateOutput", "GatedBasicBlock", "GatedResNet", "batch_shaping_loss", "cifar_resnet",
+    "BatchNorm", "ChannelGate", "GateOutput", "GatedBasicBlock", "GatedResNet", "batch_shaping_loss", "cifar_resnet",
     "cost_model", "deterministic_gate", "dynamic_macs", "fgc_contrastive_loss", "imagenet_resnet",
     "init_bank", "l0_loss", "nearest_neighbours", "straight_through_gumbel_sigmoid", "update_bank",
 ]

@@ -18,5 +18,6 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None
     """The options to pass to `jax.jit(..., compiler_options=...)`; None means XLA's defaults."""
     if jax.default_backend() != "cpu":
         return None
-    options = dict(config.get("cpu_compiler_options", None) or {})
+    options = {name: value for name, value in (config.get("cpu_compiler_options", None) or {}).items()
+               if value != ""}  # '' keeps XLA's default
     return options or None

@@ -15,6 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fgc_jax.batch_norm import BatchNorm
+
 Array = jax.Array
 
 GATE_RNG = "gate"  # the Flax RNG stream from which training-time gate noise is drawn
@@ -110,13 +112,14 @@ class GateNetwork(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, mask: Array | None = None) -> Array:
+        """Gate logits [batch, features] in float32; `mask` [batch] marks real examples (BN)."""
         pooled = jnp.mean(x, axis=(1, 2))
         h = nn.Dense(self.hidden, use_bias=False, kernel_init=kaiming_normal, dtype=self.dtype,
                      name="fc1")(pooled)
-        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         axis_name=self.batch_norm_axis_name if train else None,
-                         dtype=self.dtype, name="bn")(h)
+        h = BatchNorm(use_running_average=not train,
+                      axis_name=self.batch_norm_axis_name if train else None,
+                      dtype=self.dtype, name="bn")(h, mask)
         h = nn.relu(h)
         log_alpha = nn.Dense(self.features, kernel_init=kaiming_normal,
                              bias_init=torch_bias_init(self.hidden), dtype=self.dtype,
@@ -141,10 +144,15 @@ class ChannelGate(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> tuple[Array, Array, Array]:
-        """Returns `(log_alpha, prob, gate)`, each [batch, features] in float32."""
+    def __call__(self, x: Array, train: bool, mask: Array | None = None) -> tuple[Array, Array, Array]:
+        """Returns `(log_alpha, prob, gate)`, each [batch, features] in float32.
+
+        `mask` [batch] marks the real examples of a padded batch: padding does not enter
+        the gate network's BatchNorm statistics.
+        """
         bn_axis = self.data_axis_name if self.sync_batch_norm else None
-        log_alpha = GateNetwork(self.features, self.hidden, bn_axis, self.dtype, name="mlp")(x, train)
+        log_alpha = GateNetwork(self.features, self.hidden, bn_axis, self.dtype, name="mlp")(
+            x, train, mask)
         if train:
             gate = straight_through_gumbel_sigmoid(log_alpha, self.make_rng(GATE_RNG), self.tau,
                                                    self.data_axis_name)

@@ -531,9 +531,11 @@ def _prefetch(batches: Iterator[Batch], size: int) -> Iterator[Batch]:
 class TrainLoader:
     """Infinite, shuffled, augmented training batches with dataset indices.
 
-    Step s belongs to epoch s // steps_per_epoch; the remainder of each epoch's
-    permutation is dropped. Each process yields its contiguous slice of every
-    global batch: 'image' float32 [local, H, W, C], 'label' int32, 'index' int32.
+    Step s belongs to epoch s // steps_per_epoch, and every epoch visits every training
+    example exactly once (spec §3): its last global batch, if smaller, is padded to the
+    static batch size. Each process yields its contiguous slice of every global batch:
+    'image' float32 [local, H, W, C], 'label' int32, 'index' int32 (-1 on padding) and
+    'mask' bool (False on padding, whose image and label are zeros).
     """
 
     def __init__(
@@ -548,12 +550,12 @@ class TrainLoader:
         self._local = _process_slice(global_batch_size, process_index, process_count)
         self.global_batch_size = global_batch_size
         self.local_batch_size = self._local.stop - self._local.start
-        self.steps_per_epoch = self.info.num_train // global_batch_size
-        if self.steps_per_epoch == 0:
+        if global_batch_size > self.info.num_train:
             raise ValueError(
                 f"global_batch_size={global_batch_size} exceeds the {self.info.num_train} training"
                 " examples; use a smaller batch."
             )
+        self.steps_per_epoch = -(-self.info.num_train // global_batch_size)
         self._seed = config.seed
         self._prefetch = config.data.prefetch
         self._pipeline = _pipeline(config, "train")
@@ -568,10 +570,15 @@ class TrainLoader:
             step_epoch, position = divmod(step, self.steps_per_epoch)
             if step_epoch != epoch:
                 epoch, order = step_epoch, self._permutation(step_epoch)
-            indices = order[position * batch : (position + 1) * batch][self._local]
+            indices = np.full(batch, -1, np.int64)  # -1: padding of the epoch's last batch
+            chunk = order[position * batch : (position + 1) * batch]
+            indices[: len(chunk)] = chunk
+            indices = indices[self._local]
+            mask = indices >= 0
             rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, step])
-            images, labels = self._pipeline.train_batch(indices, rng, self._local, batch)
-            yield {"image": images, "label": labels, "index": indices.astype(np.int32)}
+            images, labels = self._pipeline.train_batch(np.where(mask, indices, 0), rng, self._local, batch)
+            images[~mask], labels[~mask] = 0, 0
+            yield {"image": images, "label": labels, "index": indices.astype(np.int32), "mask": mask}
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches from `start_step` on, bitwise equal to those an unbroken run yields there."""

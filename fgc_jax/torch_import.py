@@ -30,6 +30,40 @@ _LEAF_TO_TORCH = {
 }
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _DATA_PARALLEL_PREFIX = "module."
+# A reference FGC-stage state_dict also holds each FGC block's memory banks (spec §6).
+_BANK_SUFFIXES = {".gate.feat_mb.memory": "feature", ".gate.gate_mb.memory": "gate",
+                  ".gate.gate_mb.params": "params"}
+
+
+def split_reference_banks(state_dict: Mapping[str, np.ndarray]
+                          ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Separates the memory banks of a reference FGC-stage state_dict from the model's tensors.
+
+    Returns `(model_state_dict, banks)`, `banks` keyed by block (`'layer3.1'`) with entries
+    `feature` [N, C], `gate` [N, C] and `params` ([temperature, momentum]). A BAS-stage
+    state_dict has no banks.
+    """
+    model, banks = {}, {}
+    for key, value in state_dict.items():
+        name = key.removeprefix(_DATA_PARALLEL_PREFIX)
+        suffix = next((s for s in _BANK_SUFFIXES if name.endswith(s)), None)
+        if suffix is None:
+            model[key] = value
+        else:
+            banks.setdefault(name.removesuffix(suffix), {})[_BANK_SUFFIXES[suffix]] = np.asarray(value)
+    for block, entries in banks.items():
+        if not {"feature", "gate"} <= entries.keys():
+            raise ValueError(f"the reference banks of {block} are incomplete: found only {sorted(entries)}")
+    return model, banks
+
+
+def block_number(torch_block: str, stage_sizes: tuple[int, ...]) -> int:
+    """Our 0-based gated-block index of a reference block name such as `'layer3.1'`."""
+    stage, index = torch_block.removeprefix("layer").split(".")
+    stage, index = int(stage) - 1, int(index)
+    if not (0 <= stage < len(stage_sizes) and 0 <= index < stage_sizes[stage]):
+        raise ValueError(f"{torch_block} is not a block of a network with stages of {stage_sizes} blocks")
+    return sum(stage_sizes[:stage]) + index
 
 
 def _torch_module_name(module_path: tuple[str, ...]) -> str:
@@ -68,12 +102,12 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray],
     """Fills `variables`' structure ({'params', 'batch_stats'}) from a PyTorch state_dict.
 
     `state_dict` maps PyTorch names to NumPy arrays (a `module.` prefix is stripped,
-    `num_batches_tracked` ignored). `variables` is only a template: shapes and dtypes are
+    `num_batches_tracked` and the memory banks of an FGC-stage checkpoint ignored). `variables` is only a template: shapes and dtypes are
     read from it (arrays or `jax.ShapeDtypeStruct`s). Raises ValueError listing every
     missing, unexpected or mis-shaped key.
     """
     unused = {}
-    for key, value in state_dict.items():
+    for key, value in split_reference_banks(state_dict)[0].items():
         key = key.removeprefix(_DATA_PARALLEL_PREFIX)
         if not key.endswith(_IGNORED_SUFFIXES):
             unused[key] = np.asarray(value)
@@ -110,6 +144,12 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray],
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The state_dict of a PyTorch `.pth` file (raw, or under a 'state_dict' entry) as NumPy."""
+    return read_torch_checkpoint(path)[0]
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int | None]:
+    """`(state_dict as NumPy, epoch)` of a `.pth`; epoch: the reference's 'epoch' entry (epochs
+    trained), None where the file has none."""
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
@@ -122,7 +162,9 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         # loader refuses. Only then fall back to full unpickling, which can run arbitrary
         # code: load only checkpoints from sources you trust.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    epoch = None
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
+        epoch = checkpoint.get("epoch")
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a state_dict")
@@ -134,7 +176,8 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         # NumPy has no bfloat16: floats go through float32 (the template decides the dtype).
         return (value.float() if value.is_floating_point() else value).numpy()
 
-    return {key: to_numpy(value) for key, value in checkpoint.items()}
+    return {key: to_numpy(value) for key, value in checkpoint.items()}, (
+        None if epoch is None else int(epoch))
 
 
 def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> dict[str, Any]:

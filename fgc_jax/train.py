@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fgc_jax import (checkpointing, compilation, evaluate, flops, input_pipeline, losses, memory_bank,
-                     schedules)
+                     schedules, torch_import)
 from fgc_jax.metric_writers import MetricWriter
 from fgc_jax.models import create_model
 from fgc_jax.schedules import Phase
@@ -92,16 +92,24 @@ def validate_config(config: ml_collections.ConfigDict, info: input_pipeline.Data
           "log_every_steps and checkpoint_every_steps must be positive")
 
 
-def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Nesterov SGD with L2 weight decay on the backbone only (never on gate networks)."""
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Nesterov SGD with L2 weight decay on the backbone only (never on gate networks).
+
+    The learning rate is a hyperparameter in the optimizer state (`optax.inject_hyperparams`)
+    that the train step sets from the run's absolute step, so a run started mid-schedule
+    (`init_from`) follows the same epochs as one that trained from scratch.
+    """
     def backbone_mask(params):
         flat = flax.traverse_util.flatten_dict(params)
         return flax.traverse_util.unflatten_dict({k: "gate" not in k for k in flat})
 
-    return optax.chain(
-        optax.add_decayed_weights(config.optimizer.weight_decay, mask=backbone_mask),
-        optax.sgd(schedules.learning_rate(config, steps_per_epoch),
-                  momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov))
+    def sgd_with_l2(learning_rate):
+        return optax.chain(
+            optax.add_decayed_weights(config.optimizer.weight_decay, mask=backbone_mask),
+            optax.sgd(learning_rate, momentum=config.optimizer.momentum,
+                      nesterov=config.optimizer.nesterov))
+
+    return optax.inject_hyperparams(sgd_with_l2)(learning_rate=config.optimizer.learning_rate)
 
 
 def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
@@ -126,7 +134,7 @@ class Trainer:
         self.model = create_model(config.model, info.num_classes, compute_dtype=config.compute_dtype,
                                   data_axis_name=AXIS, sync_batch_norm=config.sync_batch_norm)
         self.eval_model = self.model.clone(data_axis_name=None)  # runs outside shard_map
-        self.tx = create_optimizer(config, steps_per_epoch)
+        self.tx = create_optimizer(config)
         self.num_blocks = sum(self.model.stage_sizes) if config.model.gated else 0
         self.fgc_blocks = evaluate.resolve_blocks(config.fgc.blocks, self.num_blocks) if self.num_blocks else []
         self.bank_rows = memory_bank.padded_num_rows(info.num_train, mesh.size)
@@ -139,6 +147,37 @@ class Trainer:
         """Output channels of each gated block, in network order."""
         return [planes for n, planes in zip(self.model.stage_sizes, self.model.stage_planes)
                 for _ in range(n)]
+
+    def banks_from_reference(self, reference: Mapping[str, Mapping[str, np.ndarray]], source: str
+                             ) -> dict[str, dict[str, Array]]:
+        """Our banks from a reference checkpoint's (`torch_import.split_reference_banks`).
+
+        Raises ValueError naming both sides if its FGC blocks differ from `config.fgc.blocks`
+        or its rows from the training set's size.
+        """
+        by_block = {torch_import.block_number(name, tuple(self.model.stage_sizes)): banks
+                    for name, banks in reference.items()}
+        if sorted(by_block) != self.fgc_blocks:
+            raise ValueError(
+                f"{source} holds memory banks for blocks {sorted(by_block)} ({sorted(reference)}), but "
+                f"config.fgc.blocks={tuple(self.config.fgc.blocks)} names blocks {self.fgc_blocks}; set "
+                f"--config.fgc.blocks to the checkpoint's blocks")
+        widths, dtype = self.block_widths(), BANK_DTYPES[self.config.fgc.bank_dtype]
+        banks = {}
+        for b, reference_banks in by_block.items():
+            banks[f"block_{b}"] = {}
+            for kind in ("feature", "gate"):
+                bank = reference_banks[kind]
+                if bank.shape != (self.info.num_train, widths[b]):
+                    raise ValueError(
+                        f"{source}: the {kind} bank of block {b} is {bank.shape}, but the configured "
+                        f"dataset ({self.info.name}, {self.info.num_train} training examples) and "
+                        f"model need [{self.info.num_train}, {widths[b]}]; train on the dataset the "
+                        f"checkpoint was trained on")
+                padded = np.zeros((self.bank_rows, widths[b]), np.float32)
+                padded[: self.info.num_train] = bank
+                banks[f"block_{b}"][kind] = jnp.asarray(padded, dtype)
+        return banks
 
     def _init_state(self, rng_data: Array) -> TrainState:
         rng = jax.random.wrap_key_data(rng_data)
@@ -165,7 +204,8 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: Mapping[str, Array], phase: Phase
                    ) -> tuple[TrainState, dict[str, Array]]:
-        """One optimisation step on a global batch (`image`, `label`, `index`)."""
+        """One optimisation step on a global batch (`image`, `label`, `index`, optional `mask`:
+        False on the padding of a batch padded to the static batch size)."""
         if phase not in self._steps:
             self._steps[phase] = jax.jit(functools.partial(self._train_step, phase=phase),
                                          in_shardings=(self.shardings, self.batch_sharding),
@@ -176,35 +216,44 @@ class Trainer:
     def _per_device_loss(self, params, batch_stats, banks, batch, rng, weights, phase: Phase):
         """This device's share of the loss; see the module docstring.
 
-        Returns the device-averaged loss without batch shaping, each block's gate
-        probabilities (for batch shaping over the global batch, outside the shard_map),
-        and the new BN statistics, banks and metrics.
+        Every term and metric is a mean over the real (`mask`) examples of the global
+        batch. Returns that loss without batch shaping, each block's gate probabilities
+        (for batch shaping over the global batch, outside the shard_map), and the new BN
+        statistics, banks and metrics.
         """
         config = self.config
+        mask = batch["mask"] if "mask" in batch else jnp.ones(batch["label"].shape, bool)
         (logits, gates), updates = self.model.apply(
-            {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+            {"params": params, "batch_stats": batch_stats}, batch["image"], train=True, mask=mask,
             rngs={"gate": rng}, mutable=["batch_stats"])
         new_batch_stats = updates["batch_stats"]
         if not config.sync_batch_norm:
             new_batch_stats = lax.pmean(new_batch_stats, AXIS)
 
-        terms = {"cross_entropy": optax.softmax_cross_entropy_with_integer_labels(
-            logits, batch["label"]).mean()}
-        metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+        weight = mask.astype(jnp.float32)
+        count = lax.psum(jnp.sum(weight), AXIS)
+
+        def batch_mean(per_example: Array) -> Array:
+            return lax.psum(jnp.sum(per_example.astype(jnp.float32) * weight), AXIS) / count
+
+        terms = {"cross_entropy": batch_mean(optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["label"]))}
+        metrics = {"accuracy": batch_mean(jnp.argmax(logits, -1) == batch["label"])}
         new_banks = banks
         if gates:
-            terms["l0"] = losses.l0_loss([g.prob for g in gates])
-            metrics["gate_density"] = jnp.mean(jnp.stack([jnp.mean(g.gate) for g in gates]))
+            terms["l0"] = losses.l0_loss([g.prob for g in gates], mask, axis_name=AXIS)
+            # Pooled, as the reference logs it: on gates / all gate entries of all blocks.
+            width = sum(g.gate.shape[1] for g in gates)
+            metrics["gate_density"] = batch_mean(sum(jnp.sum(g.gate, axis=1) for g in gates) / width)
             if phase.uses_banks:
-                terms["fgc"], new_banks = self._fgc_terms(gates, batch["index"], banks, phase)
+                terms["fgc"], new_banks = self._fgc_terms(gates, batch["index"], mask, banks, phase)
         total = (terms["cross_entropy"] + weights["rho"] * terms.get("l0", 0.0)
                  + weights["kappa"] * terms.get("fgc", 0.0))
         metrics.update(terms)
-        total, metrics = lax.pmean((total, metrics), AXIS)
         probs = tuple(g.prob for g in gates) if phase == Phase.BAS else ()
         return total, probs, (new_batch_stats, new_banks, metrics)
 
-    def _fgc_terms(self, gates, index, banks, phase: Phase):
+    def _fgc_terms(self, gates, index, mask, banks, phase: Phase):
         fgc = self.config.fgc
         total, new_banks = 0.0, {}
         for b in self.fgc_blocks:
@@ -212,7 +261,9 @@ class Trainer:
             total += losses.fgc_contrastive_loss(
                 g.log_alpha, g.feature, index, bank["feature"], bank["gate"], k=fgc.k,
                 temperature=fgc.temperature, use_neighbours=phase == Phase.FGC_NEIGHBOURS,
-                num_valid_rows=self.info.num_train, axis_name=AXIS, knn_method=fgc.knn_method)
+                num_valid_rows=self.info.num_train, axis_name=AXIS, knn_method=fgc.knn_method,
+                mask=mask)
+            # Padding carries index -1, which no shard holds: its rows are not updated.
             update = functools.partial(memory_bank.update_bank, index=index, momentum=fgc.momentum,
                                        axis_name=AXIS)
             new_banks[f"block_{b}"] = {"feature": update(bank["feature"], values=g.feature),
@@ -232,20 +283,23 @@ class Trainer:
             total, probs, aux = per_device(params, state.batch_stats, state.banks, batch, rng, weights)
             if probs:  # batch shaping: a loss of the global batch's distribution of each gate
                 replicated = NamedSharding(self.mesh, P())
+                mask = jax.reshard(batch["mask"], replicated) if "mask" in batch else None
                 shaping = sum(losses.batch_shaping_loss(jax.reshard(p, replicated), self.config.bas.alpha,
-                                                        self.config.bas.beta) for p in probs)
+                                                        self.config.bas.beta, mask) for p in probs)
                 total = total + weights["zeta"] * shaping
                 aux[2]["batch_shaping"] = shaping
             return total, aux
 
         (loss, (batch_stats, banks, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        # The lr is a function of the absolute step (spec §3), whatever the optimizer's own count.
+        learning_rate = schedules.learning_rate(self.config, self.steps_per_epoch)(state.step)
+        opt_state = state.opt_state._replace(
+            hyperparams=dict(state.opt_state.hyperparams, learning_rate=learning_rate))
+        updates, opt_state = self.tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params),
-                       learning_rate=schedules.learning_rate(self.config, self.steps_per_epoch)(state.step),
-                       **weights)
+                       param_norm=optax.tree.norm(params), learning_rate=learning_rate, **weights)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state, banks=banks)
         return new_state, metrics
@@ -253,6 +307,30 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------
 # The loop.
+
+
+def initialise_from(source: str, trainer: Trainer, state: TrainState) -> TrainState:
+    """`state` with the model (and banks) of an earlier run, at the epoch where that run stopped.
+
+    `source`: one of our BAS-stage workdirs or a reference `.pth`. A BAS-stage source starts
+    the FGC stage at epoch `bas.epochs`; a reference FGC-stage `.pth` brings its memory banks
+    and continues at its epoch. The optimizer's momentum starts from zero.
+    """
+    config = trainer.config
+    template = {"params": state.params, "batch_stats": state.batch_stats}
+    epoch, banks = config.bas.epochs, state.banks
+    if source.endswith((".pth", ".pt")):
+        variables, _ = evaluate.load_variables(config, template, torch_checkpoint=source)
+        state_dict, trained_epochs = torch_import.read_torch_checkpoint(source)
+        reference_banks = torch_import.split_reference_banks(state_dict)[1]
+        if reference_banks:
+            banks = trainer.banks_from_reference(reference_banks, source)
+            epoch = trained_epochs if trained_epochs is not None else epoch
+    else:
+        variables, _ = evaluate.load_variables(config, template, workdir=source)
+    return jax.device_put(state.replace(
+        step=jnp.asarray(epoch * trainer.steps_per_epoch, jnp.int32), params=variables["params"],
+        batch_stats=variables["batch_stats"], banks=banks), trainer.shardings)
 
 
 def _checkpoint_meta(config, step: int, steps_per_epoch: int) -> dict[str, Any]:
@@ -325,16 +403,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, _ = checkpointing.restore(manager, latest, abstract, config)
         logging.info("Resumed from checkpoint %d in %s", latest, workdir)
     elif config.init_from:
-        # A BAS-stage run: a PyTorch .pth of the reference, or one of our workdirs.
-        source = {"torch_checkpoint" if config.init_from.endswith((".pth", ".pt")) else "workdir":
-                  config.init_from}
-        variables, _ = evaluate.load_variables(
-            config, {"params": state.params, "batch_stats": state.batch_stats}, **source)
-        start = config.bas.epochs * steps_per_epoch
-        state = jax.device_put(state.replace(
-            step=jnp.asarray(start, jnp.int32), params=variables["params"],
-            batch_stats=variables["batch_stats"]), trainer.shardings)
-        logging.info("Initialised from %s; the FGC stage starts at step %d", config.init_from, start)
+        state = initialise_from(config.init_from, trainer, state)
+        logging.info("Initialised from %s; training starts at step %d (epoch %d)", config.init_from,
+                     int(state.step), int(state.step) // steps_per_epoch)
 
     writer = MetricWriter(workdir)
     preemption = _PreemptionFlag()

@@ -137,15 +137,21 @@ def test_augmentation_is_padded_crop_and_flip(cifar_mini_dir):
     assert 0.4 < flipped < 0.6  # p = 0.5; 6 standard deviations for ~500 draws.
 
 
-def test_epochs_shuffle_and_drop_remainder(cifar_mini_dir):
+def test_every_epoch_visits_every_example_once(cifar_mini_dir):
+    """5,085 examples at batch 256: 20 steps an epoch, the last one 221 examples + 35 padding."""
     loader = input_pipeline.TrainLoader(make_config(data_dir=cifar_mini_dir, prefetch=0),
-                                        global_batch_size=1000, process_index=0, process_count=1)
-    assert (loader.steps_per_epoch, loader.local_batch_size) == (5, 1000)
-    batches = take(loader.batches(), 10)
-    for epoch in (batches[:5], batches[5:]):
-        indices = np.concatenate([b["index"] for b in epoch])
-        assert len(np.unique(indices)) == 5000 and indices.min() >= 0 and indices.max() < 5085
-    assert not np.array_equal(batches[0]["index"], batches[5]["index"])
+                                        global_batch_size=256, process_index=0, process_count=1)
+    assert loader.steps_per_epoch == 20
+    batches = take(loader.batches(), 40)
+    assert all(b["image"].shape == (256, 32, 32, 3) for b in batches)
+    assert [int(b["mask"].sum()) for b in batches[:20]] == [256] * 19 + [221]
+    for epoch in (batches[:20], batches[20:]):
+        indices = np.concatenate([b["index"][b["mask"]] for b in epoch])
+        np.testing.assert_array_equal(np.sort(indices), np.arange(5085))
+        last = epoch[-1]
+        assert (last["index"][~last["mask"]] == -1).all()
+        assert not last["image"][~last["mask"]].any() and not last["label"][~last["mask"]].any()
+    assert not np.array_equal(batches[0]["index"], batches[20]["index"])
 
 
 def test_resume_is_bitwise_identical(cifar_mini_dir):
@@ -155,7 +161,7 @@ def test_resume_is_bitwise_identical(cifar_mini_dir):
     reference = take(loader.batches(), 12)  # Epochs 0, 1 and part of 2.
     fresh = input_pipeline.TrainLoader(make_config(data_dir=cifar_mini_dir, prefetch=0),
                                        global_batch_size=1000, process_index=0, process_count=1)
-    for start in (3, 7):  # Resumes that cross the epoch boundaries at steps 5 and 10.
+    for start in (3, 7):  # Resumes that cross the epoch boundaries at steps 6 and 12.
         for want, got in zip(reference[start:], take(fresh.batches(start_step=start), 12 - start)):
             for key in ("image", "label", "index"):
                 np.testing.assert_array_equal(want[key], got[key])
@@ -167,7 +173,7 @@ def test_resume_is_bitwise_identical(cifar_mini_dir):
 
 def test_processes_read_disjoint_slices_of_the_global_batch(cifar_mini_dir):
     config = make_config(data_dir=cifar_mini_dir)
-    steps = 7  # Crosses the epoch boundary at step 5.
+    steps = 7  # Step 5 is the epoch's last batch (85 examples + padding); step 6 is in the next.
     whole = take(input_pipeline.TrainLoader(config, global_batch_size=1000, process_index=0,
                                             process_count=1).batches(), steps)
     parts = [
@@ -179,9 +185,10 @@ def test_processes_read_disjoint_slices_of_the_global_batch(cifar_mini_dir):
         first, second = parts[0][step], parts[1][step]
         assert first["image"].shape == (500, 32, 32, 3)
         assert not set(first["index"]) & set(second["index"])
-        for key in ("image", "label", "index"):
+        for key in ("image", "label", "index", "mask"):
             both = np.concatenate([first[key], second[key]])
             np.testing.assert_array_equal(both, whole[step][key])
+    assert int(whole[5]["mask"].sum()) == 85 and not parts[1][5]["mask"].any()
 
 
 def test_eval_pads_last_batch_and_covers_each_example_once(cifar_mini_dir):

@@ -58,7 +58,7 @@ def test_batch_shaping_value_and_gradient_match_scipy(a, b):
     prob = shaping_probs()
     expected_loss, expected_grad = batch_shaping_numpy(prob, a, b)
     loss, grad = jax.value_and_grad(losses.batch_shaping_loss)(jnp.asarray(prob), a, b)
-    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(loss, expected_loss, rtol=2e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=2e-4, atol=1e-6)
     if (a, b) == (0.6, 0.4):
         assert grad[3, 0] == grad[7, 0] == grad[0, 1] == 0.0
@@ -68,9 +68,37 @@ def test_batch_shaping_value_and_gradient_match_scipy(a, b):
 def test_batch_shaping_defaults_are_the_spec_prior_and_chain_rule_applies():
     prob = shaping_probs()
     expected_loss, expected_grad = batch_shaping_numpy(prob)
-    np.testing.assert_allclose(jax.jit(losses.batch_shaping_loss)(prob), expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(losses.batch_shaping_loss)(prob), expected_loss, rtol=2e-6)
     grad = jax.grad(lambda p: 3.0 * losses.batch_shaping_loss(p))(jnp.asarray(prob))
     np.testing.assert_allclose(grad, 3.0 * expected_grad, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("a,b", [(0.6, 0.4), (0.4, 0.6), (0.5, 0.5), (1.0, 1.0), (2.0, 3.0)])
+def test_beta_cdf_is_float32_accurate(a, b):
+    """Within 3 float32 ulps of SciPy's float64 CDF (jax.scipy's betainc is off by ~50)."""
+    x = np.random.default_rng(3).uniform(0, 1, 20_000).astype(np.float32)
+    x = np.concatenate([x, np.float32([0.0, 1e-30, 1e-6, 1e-3, 0.5, 0.999, 1 - 2 ** -24, 1.0])])
+    got = np.asarray(jax.jit(losses.beta_cdf, static_argnums=(1, 2))(x, a, b), np.float64)
+    np.testing.assert_allclose(got, stats.beta.cdf(x.astype(np.float64), a, b), rtol=0, atol=1.8e-7)
+
+
+def test_batch_shaping_of_a_padded_batch_is_that_of_its_real_examples():
+    prob = shaping_probs()
+    mask = np.arange(32) < 25
+    padded = np.where(mask[:, None], prob, 0.9).astype(np.float32)
+    expected_loss, expected_grad = batch_shaping_numpy(prob[:25])
+    loss, grad = jax.value_and_grad(losses.batch_shaping_loss)(jnp.asarray(padded), 0.6, 0.4, jnp.asarray(mask))
+    np.testing.assert_allclose(loss, expected_loss, rtol=2e-6)
+    np.testing.assert_allclose(grad[:25], expected_grad, rtol=2e-4, atol=1e-6)
+    assert not np.asarray(grad[25:]).any()
+
+
+def test_l0_of_a_padded_batch_counts_its_real_examples_only():
+    probs = [np.random.default_rng(4).uniform(size=(10, c)).astype(np.float32) for c in (3, 5)]
+    mask = np.arange(10) < 6
+    expected = sum(p[:6].sum() for p in probs) / (6 * 8)
+    np.testing.assert_allclose(losses.l0_loss([jnp.asarray(p) for p in probs], jnp.asarray(mask)), expected,
+                               rtol=1e-6)
 
 
 def test_batch_shaping_of_a_batch_shaped_like_the_prior_is_small():

@@ -33,11 +33,16 @@ INFO = input_pipeline.DatasetInfo(name="synthetic", num_train=NUM_TRAIN, num_tes
 
 
 def synthetic_batches(num_steps):
+    """Random batches; the last one is an epoch's last batch: 11 examples padded to 16."""
     rng = np.random.default_rng(0)
     for step in range(num_steps):
-        yield {"image": rng.normal(size=(BATCH, 8, 8, 3)).astype(np.float32),
-               "label": rng.integers(0, 10, BATCH).astype(np.int32),
-               "index": rng.permutation(NUM_TRAIN)[:BATCH].astype(np.int32)}
+        num_real = 11 if step == num_steps - 1 else BATCH
+        mask = np.arange(BATCH) < num_real
+        yield {"image": np.where(mask[:, None, None, None], rng.normal(size=(BATCH, 8, 8, 3)), 0.0
+                                 ).astype(np.float32),
+               "label": np.where(mask, rng.integers(0, 10, BATCH), 0).astype(np.int32),
+               "index": np.where(mask, rng.permutation(NUM_TRAIN)[:BATCH], -1).astype(np.int32),
+               "mask": mask}
 
 
 def run_steps(config, num_devices, phases):
@@ -71,6 +76,9 @@ PHASES = [Phase.BAS, Phase.BAS, Phase.FGC_INSTANCE, Phase.FGC_NEIGHBOURS, Phase.
 @pytest.mark.parametrize("sync_batch_norm", [True, False])
 def test_one_and_eight_devices_agree(sync_batch_norm):
     """Same global batches through every phase -> same losses, params, BN stats, banks.
+
+    The last batch is padded (11 of 16 examples, padding on 3 of the 8 devices): masking does not
+    depend on how the batch is split.
 
     With `sync_batch_norm=False` each device normalises with its own 2-example statistics,
     so there the two runs must differ (while staying finite): the switch really switches.
@@ -115,15 +123,3 @@ def test_cpu_compiler_options_reach_the_train_step():
     config.cpu_compiler_options = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
     with pytest.raises(Exception, match="xla_cpu_experimental_ynn_fusion_type"):
         run_steps(config, 1, [Phase.BAS])
-
-
-def test_cpu_and_default_compilation_give_the_same_step():
-    # The shipped CPU options change how XLA:CPU runs convolutions, not what they compute.
-    phases = [Phase.BAS, Phase.FGC_NEIGHBOURS]
-    tuned, _ = run_steps(tiny_config(), 1, phases)
-    plain_config = tiny_config()
-    plain_config.cpu_compiler_options = {}
-    plain, _ = run_steps(plain_config, 1, phases)
-    assert tiny_config().cpu_compiler_options  # the shipped default is not empty
-    assert_trees_close(tuned.params, plain.params, atol=1e-5)
-    assert_trees_close(tuned.banks, plain.banks, atol=1e-5)

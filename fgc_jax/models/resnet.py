@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fgc_jax.batch_norm import BatchNorm
 from fgc_jax.gates import DEFAULT_TAU, ChannelGate, GateOutput, kaiming_normal, torch_bias_init
 
 Array = jax.Array
@@ -22,10 +23,10 @@ CIFAR_DEPTHS = (20, 32, 44, 56, 110)  # the published ones; any 6n+2 (n >= 1) bu
 IMAGENET_STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
-def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str) -> nn.BatchNorm:
-    # PyTorch BatchNorm defaults: eps 1e-5, running = 0.9 * running + 0.1 * batch.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        axis_name=axis_name if train else None, dtype=dtype, name=name)
+def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str) -> BatchNorm:
+    # PyTorch BatchNorm: eps 1e-5, running = 0.9 * running + 0.1 * unbiased batch statistics.
+    return BatchNorm(use_running_average=not train, axis_name=axis_name if train else None,
+                     dtype=dtype, name=name)
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
@@ -81,24 +82,26 @@ class GatedBasicBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> tuple[Array, GateOutput | None]:
+    def __call__(self, x: Array, train: bool, mask: Array | None = None
+                 ) -> tuple[Array, GateOutput | None]:
+        """`mask` [batch] marks the real examples of a padded batch (BatchNorm statistics)."""
         materialise = _needs_materialising(x, train)  # conv inputs get buffers of their own
         if materialise:
             x = _materialise(x)
         bn_axis = self.data_axis_name if self.sync_batch_norm else None
         bn = functools.partial(_batch_norm, train, bn_axis, self.dtype)
-        h = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
+        h = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x), mask))
         info = None
         if self.gated:
             log_alpha, prob, gate = ChannelGate(self.planes, self.gate_hidden, self.tau,
                                                 self.data_axis_name, self.sync_batch_norm,
-                                                self.dtype, name="gate")(x, train)
+                                                self.dtype, name="gate")(x, train, mask)
             feature = jax.lax.stop_gradient(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
             info = GateOutput(log_alpha=log_alpha, prob=prob, gate=gate, feature=feature)
             h = h * gate[:, None, None, :].astype(h.dtype)
             if materialise:
                 h = _materialise(h)
-        h = bn("bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(h))
+        h = bn("bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(h), mask)
 
         residual = x
         if self.stride != 1 or x.shape[-1] != self.planes:
@@ -107,7 +110,7 @@ class GatedBasicBlock(nn.Module):
                 residual = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (pad, pad)))
             else:
                 residual = bn("downsample_bn")(
-                    _conv(self.planes, 1, self.stride, self.dtype, "downsample_conv")(x))
+                    _conv(self.planes, 1, self.stride, self.dtype, "downsample_conv")(x), mask)
         return nn.relu(h + residual.astype(h.dtype)), info
 
 
@@ -131,14 +134,20 @@ class GatedResNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> tuple[Array, tuple[GateOutput, ...]]:
+    def __call__(self, x: Array, train: bool, mask: Array | None = None
+                 ) -> tuple[Array, tuple[GateOutput, ...]]:
+        """Logits and one `GateOutput` per gated block for images `x` [batch, H, W, C].
+
+        `mask` [batch] (training only) marks the real examples of a batch padded to a
+        static shape: BatchNorm statistics are those of the real examples alone.
+        """
         x = x.astype(self.dtype)
         if self.stem == "cifar":
             x = _conv(self.stage_planes[0], 3, 1, self.dtype, "conv1")(x)
         else:
             x = _conv(64, 7, 2, self.dtype, "conv1")(x)
         bn_axis = self.data_axis_name if self.sync_batch_norm else None
-        x = nn.relu(_batch_norm(train, bn_axis, self.dtype, "bn1")(x))
+        x = nn.relu(_batch_norm(train, bn_axis, self.dtype, "bn1")(x, mask))
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -149,7 +158,7 @@ class GatedResNet(nn.Module):
                 x, info = GatedBasicBlock(planes, stride, self.shortcut, self.gated,
                                           self.gate_hidden, self.tau, self.data_axis_name,
                                           self.sync_batch_norm, self.dtype,
-                                          name=f"layer{stage + 1}_{j}")(x, train)
+                                          name=f"layer{stage + 1}_{j}")(x, train, mask)
                 if info is not None:
                     gate_outputs.append(info)
 
