@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tau = 2.0 / 3.0  # Gumbel-sigmoid temperature of the straight-through gates
     config.compute_dtype = "float32"  # 'float32' | 'bfloat16' (activations; params stay fp32)
     config.sync_batch_norm = True  # BatchNorm statistics over the global batch (all devices)
+    # Precision of float32 matrix products and convolutions (jax.default_matmul_precision):
+    # 'highest' = float32 on every backend, as the reference; 'default' lets XLA use TF32
+    # (NVIDIA Ampere+) or bfloat16 passes (TPU): faster, but beyond the reference's float32 error.
+    config.matmul_precision = "highest"
     # XLA options for the train/eval steps on CPU only (ignored on GPU/TPU; see
     # fgc_jax/compilation.py); '' keeps XLA's default. Opt-in speed-up, off by default because
     # it moves float32 results beyond the reference's own float32 error (README, "Numerical

@@ -124,7 +124,8 @@ def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.C
 
     pending = None
     for local in input_pipeline.eval_batches(config, global_batch_size=config.eval_batch_size):
-        out = step(variables, input_pipeline.to_global(local, mesh, AXIS))
+        with compilation.matmul_precision(config):
+            out = step(variables, input_pipeline.to_global(local, mesh, AXIS))
         if pending is not None:
             fetch(pending)  # overlaps the host transfer with the next batch's computation
         pending = out

@@ -88,6 +88,8 @@ def validate_config(config: ml_collections.ConfigDict, info: input_pipeline.Data
     check(config.fgc.knn_method in memory_bank.KNN_METHODS,
           f"fgc.knn_method={config.fgc.knn_method!r} is unknown; choose one of {memory_bank.KNN_METHODS}")
     check(config.optimizer.learning_rate > 0, "optimizer.learning_rate must be positive")
+    check(config.matmul_precision in compilation.MATMUL_PRECISIONS,
+          f"matmul_precision={config.matmul_precision!r} is unknown; choose one of {compilation.MATMUL_PRECISIONS}")
     check(config.log_every_steps > 0 and config.checkpoint_every_steps > 0,
           "log_every_steps and checkpoint_every_steps must be positive")
 
@@ -211,7 +213,8 @@ class Trainer:
                                          in_shardings=(self.shardings, self.batch_sharding),
                                          out_shardings=(self.shardings, None), donate_argnums=0,
                                          compiler_options=compilation.compiler_options(self.config))
-        return self._steps[phase](state, batch)
+        with compilation.matmul_precision(self.config):
+            return self._steps[phase](state, batch)
 
     def _per_device_loss(self, params, batch_stats, banks, batch, rng, weights, phase: Phase):
         """This device's share of the loss; see the module docstring.
