@@ -99,7 +99,7 @@ class Sizes:
 
 
 FULL = Sizes(tests=("tests/test_models.py", "tests/test_losses.py", "tests/test_memory_bank.py",
-                    "tests/test_train_step.py"), tests_timeout_s=240,
+                    "tests/test_train_step.py"), tests_timeout_s=180,
              depths=(20, 56), batches=(256, 1024), dtypes=("float32", "bfloat16"), steps=10, repeats=2,
              bank=50000, k=200, r18_model=("imagenet_resnet", 18), r18_bank_dtypes=("float32", "bfloat16"),
              r18_batch=256, r18_image=224, r18_rows=IMAGENET_ROWS,
@@ -377,8 +377,18 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stage(report: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
-    """Runs one stage; its result, seconds and any error go into `report`."""
+def _write(report: dict[str, Any], out: pathlib.Path) -> str:
+    """Writes device_check.json and device_check.md; returns the Markdown."""
+    report["total_s"] = time.perf_counter() - report["started"]
+    (out / "device_check.json").write_text(json.dumps(report, indent=2, default=str))
+    text = markdown(report)
+    (out / "device_check.md").write_text(text)
+    return text
+
+
+def _stage(report: dict[str, Any], out: pathlib.Path, name: str, fn: Callable[[], Any]) -> Any:
+    """Runs one stage; its result, seconds and any error go into `report`, which is written
+    after every stage, so a run cut off by a time limit still leaves what it finished."""
     print(f"[device_check] {name} ...", flush=True)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     try:
@@ -390,6 +400,7 @@ def _stage(report: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
         return None
     finally:
         report["stages"].setdefault(name, {}).update(seconds=time.perf_counter() - t0, cpu_s=_cpu_seconds() - cpu0)
+        _write(report, out)
 
 
 def _cpu_seconds() -> float:
@@ -415,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["JAX_PLATFORMS"] = accel
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    report: dict[str, Any] = {"mode": "smoke" if args.smoke else "full",
+    report: dict[str, Any] = {"started": time.perf_counter(), "mode": "smoke" if args.smoke else "full",
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "sizes": dataclasses.asdict(sizes), "sections": {}, "stages": {}, "notes": []}
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="device_check_"))
@@ -424,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     data_ok = pathlib.Path(args.data).is_dir()
     if "cpu_vs_accel" not in args.skip and data_ok:  # the CPU reference runs beside the tests
         ref = _start_train_run("cpu", "default", sizes, args.data, scratch / "cpu.npz")
-    _stage(report, "environment", environment)
+    _stage(report, out, "environment", environment)
     if "tests" not in args.skip:
-        _stage(report, "tests", lambda: run_tests(sizes.tests, accel, sizes.tests_timeout_s, out / "pytest.log"))
+        _stage(report, out, "tests", lambda: run_tests(sizes.tests, accel, sizes.tests_timeout_s, out / "pytest.log"))
     if ref is not None and not args.smoke:
         ref.wait()  # before the timings, which it would disturb (--smoke's timings only need to run)
     if "train_step" not in args.skip:
@@ -435,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         report["comparator"] = f"{script} --device {torch_device}" if script else f"n/a: {reason}"
         if not script:
             report["notes"].append(f"PyTorch comparator: n/a: {reason}")
-        _stage(report, "train_step", lambda: step_table(sizes, script, torch_device, torch_env))
+        _stage(report, out, "train_step", lambda: step_table(sizes, script, torch_device, torch_env))
     if "resnet18" not in args.skip:
-        _stage(report, "resnet18", lambda: resnet18_share(sizes, args.r18_dtype))
+        _stage(report, out, "resnet18", lambda: resnet18_share(sizes, args.r18_dtype))
     if "cpu_vs_accel" not in args.skip:
         def cpu_vs_accel() -> list[dict]:
             if not data_ok:
@@ -456,12 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(compare_runs(reference, _finish(
                     _start_train_run(accel, precision, sizes, args.data, path), path), kind))
             return results
-        _stage(report, "cpu_vs_accel", cpu_vs_accel)
-    report["total_s"] = time.perf_counter() - t0
-    (out / "device_check.json").write_text(json.dumps(report, indent=2, default=str))
-    text = markdown(report)
-    (out / "device_check.md").write_text(text)
-    print(text)
+        _stage(report, out, "cpu_vs_accel", cpu_vs_accel)
+    print(_write(report, out))
     shutil.rmtree(scratch, ignore_errors=True)
     return 1 if any("error" in s for s in report["stages"].values()) else 0
 
