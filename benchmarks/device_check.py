@@ -380,7 +380,8 @@ def markdown(report: dict[str, Any]) -> str:
 def _write(report: dict[str, Any], out: pathlib.Path) -> str:
     """Writes device_check.json and device_check.md; returns the Markdown."""
     report["total_s"] = time.perf_counter() - report["started"]
-    (out / "device_check.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "device_check.json").write_text(
+        json.dumps({k: v for k, v in report.items() if k != "started"}, indent=2, default=str))
     text = markdown(report)
     (out / "device_check.md").write_text(text)
     return text
