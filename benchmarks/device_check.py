@@ -60,9 +60,7 @@ IMAGENET_ROWS = 1_281_167
 # CPU-vs-accelerator tolerances, by what differs between the two runs. Same platform: the
 # same program twice, so it must repeat exactly. 'highest' precision: true float32 products
 # on both sides, so only reduction order differs (cuDNN/cuBLAS vs Eigen sums; BN statistics
-# over 128x32x32 values, which XLA:CPU with the configs' `cpu_compiler_options` sums ~30x
-# less accurately than with XLA's defaults, ~2e-5 relative): the first step agrees to
-# ~1e-5 relative. Default precision: JAX
+# over 128x32x32 values): the first step agrees to ~1e-5 relative. Default precision: JAX
 # lets float32 convolutions and dots use TF32 on NVIDIA GPUs (10-bit mantissa, ~5e-4
 # relative per product), so even the first loss differs by ~1e-4-1e-3. In both cases the
 # straight-through gates are thresholds of noisy logits: once a gate flips, the two runs
