@@ -11,6 +11,8 @@ load. Prints one table with a `ratio` column (JAX img/s / PyTorch img/s):
   python benchmarks/train_step.py --depths 20 56 --batches 128 256 \
       --dtypes float32 bfloat16 --steps 5 --repeats 3
 
+On a GPU machine add `--torch_device cuda` (the comparator's `--device`).
+
 Synthetic data: normalised random images, random labels, random distinct dataset
 indices (a fresh set each step, cycled over a few pre-built batches). The JAX time of a
 repetition is `steps` consecutive steps ended by `block_until_ready`, after compilation
@@ -30,6 +32,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ml_collections
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = REPO.parent / "shared" / "bench" / "torch_fgc_step.py"
@@ -49,6 +55,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
     p.add_argument("--torch_script", default=str(TORCH_SCRIPT),
                    help="the PyTorch comparator; '' skips it")
+    p.add_argument("--torch_device", default="cpu", help="the comparator's --device: cpu | cuda")
     p.add_argument("--xla_flags", default="",
                    help="appended to XLA_FLAGS before JAX starts: process-wide XLA options to try "
                         "(the run's own per-step options are config.cpu_compiler_options)")
@@ -71,7 +78,8 @@ def _run_torch(script: str, depth: int, batch: int, args: argparse.Namespace,
                env: dict[str, str]) -> float | None:
     """ms/step of one comparator run (its own 3 warm-up steps are excluded), or None."""
     cmd = [sys.executable, script, "--depth", str(depth), "--batch", str(batch), "--steps", str(args.steps),
-           "--bank", str(args.bank), "--k", str(args.k), "--threads", str(args.threads)]
+           "--bank", str(args.bank), "--k", str(args.k), "--threads", str(args.threads),
+           "--device", args.torch_device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     match = re.search(r"([\d.]+) ms/step", out.stdout)
     if out.returncode or not match:
@@ -80,27 +88,39 @@ def _run_torch(script: str, depth: int, batch: int, args: argparse.Namespace,
     return float(match.group(1))
 
 
-class JaxStep:
-    """One compiled FGC_NEIGHBOURS step of one configuration, with its state and batches."""
+def cifar_config(depth: int, batch: int, dtype: str, k: int) -> ml_collections.ConfigDict:
+    """The ResNet-`depth` CIFAR config of one table row."""
+    from configs import resnet20_cifar
 
-    def __init__(self, depth: int, batch: int, dtype: str, args: argparse.Namespace):
+    config = resnet20_cifar.get_config()
+    config.model.depth = depth
+    config.batch_size = batch
+    config.compute_dtype = dtype
+    config.fgc.k = k
+    return config
+
+
+class JaxStep:
+    """One compiled FGC_NEIGHBOURS step of one configuration, with its state and batches.
+
+    `config` gives the model, batch, dtypes and image size; `args.bank` the training-set
+    size (= bank rows), and `args.warmup` the untimed steps after compilation.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, args: argparse.Namespace):
         import jax
         import numpy as np
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from configs import resnet20_cifar
         from fgc_jax import input_pipeline
         from fgc_jax.schedules import Phase
         from fgc_jax.train import Trainer
 
-        config = resnet20_cifar.get_config()
-        config.model.depth = depth
-        config.batch_size = batch
-        config.compute_dtype = dtype
-        config.fgc.k = args.k
-        info = input_pipeline.DatasetInfo(name="synthetic", num_train=args.bank, num_test=10000, num_classes=10,
-                                          image_shape=(32, 32, 3))
+        batch, size = config.batch_size, config.data.image_size
+        info = input_pipeline.DatasetInfo(name="synthetic", num_train=args.bank, num_test=10000,
+                                          num_classes=input_pipeline._SPECS[config.dataset].num_classes,
+                                          image_shape=(size, size, 3))
         mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
         steps_per_epoch = args.bank // batch
         self.trainer = Trainer(config, info, mesh, steps_per_epoch)
@@ -116,9 +136,9 @@ class JaxStep:
         std = np.asarray(input_pipeline.CIFAR10_STD, np.float32)
         self.batches = []
         for _ in range(4):
-            pixels = rng.integers(0, 256, (batch, 32, 32, 3)).astype(np.float32) / 255.0
+            pixels = rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32) / 255.0
             host = {"image": (pixels - mean) / std,
-                    "label": rng.integers(0, 10, batch).astype(np.int32),
+                    "label": rng.integers(0, info.num_classes, batch).astype(np.int32),
                     "index": rng.permutation(args.bank)[:batch].astype(np.int32)}
             self.batches.append({k: jax.device_put(v, sharding) for k, v in host.items()})
         self._i = 0
@@ -136,7 +156,7 @@ class JaxStep:
         for _ in range(steps):
             self.state, metrics = self.trainer.train_step(self.state, self.batches[self._i % 4], phase)
             self._i += 1
-        jax.block_until_ready((self.state, metrics))
+        jax.block_until_ready(self.state)  # the metrics come out of the same executions
         return (time.perf_counter() - t0) / max(steps, 1)
 
     def phase_breakdown(self, steps: int, repeats: int) -> dict[str, float]:
@@ -257,34 +277,33 @@ def _fmt_spread(values: list[float]) -> str:
     return f"{min(values):.0f}-{max(values):.0f}" if values else "-"
 
 
-def main(argv=None) -> list[dict]:
-    args = _parse_args(argv)
+def setup_process(xla_flags: str) -> dict[str, str]:
+    """The process set-up of `fgc_jax.main`, before JAX starts; returns the comparator's environment.
+
+    Restarts the process once with the config's `host_malloc_tunables` and sets XLA_FLAGS.
+    The PyTorch comparator runs in the environment the process was started with, as a
+    PyTorch user would run it.
+    """
     if "jax" in sys.modules:
         print("warning: JAX was imported before the benchmark set XLA_FLAGS", file=sys.stderr)
     sys.path.insert(0, str(REPO))
     from configs import resnet20_cifar
     from fgc_jax import host_memory  # imports JAX but starts no backend, which reads XLA_FLAGS
 
-    # The same process set-up as `fgc_jax.main`. The PyTorch comparator runs in the
-    # environment the benchmark was started with, as a PyTorch user would run it.
     host_memory.reexec_with(resnet20_cifar.get_config().host_malloc_tunables)
     torch_env = host_memory.environ_before_restart()
-    _set_xla_flags(args.xla_flags)
-    import jax
+    _set_xla_flags(xla_flags)
+    return torch_env
 
-    script = args.torch_script if args.torch_script and pathlib.Path(args.torch_script).is_file() else ""
-    if args.torch_script and not script:
-        print(f"note: {args.torch_script} not found; PyTorch column left empty")
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-          f"{os.cpu_count()} CPU cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
-          f"bank={args.bank} k={args.k}, {args.steps} steps x {args.repeats} repeats, median")
+
+def time_table(args: argparse.Namespace, script: str, torch_env: dict[str, str]) -> list[dict]:
+    """One row per depth x batch x dtype: JAX and comparator (`script`, '' for none) ms/step, ratio."""
     rows = []
     for depth in args.depths:
         for batch in args.batches:
             steps = {}
             for dtype in args.dtypes:
-                steps[dtype] = JaxStep(depth, batch, dtype, args)
+                steps[dtype] = JaxStep(cifar_config(depth, batch, dtype, args.k), args)
             jax_ms = {dtype: [] for dtype in args.dtypes}
             torch_ms = []
             load = []
@@ -312,6 +331,22 @@ def main(argv=None) -> list[dict]:
                 step.close()
                 print(f"  ResNet-{depth} batch {batch} {dtype}: jax {med:.1f} ms/step, torch "
                       f"{torch_med or float('nan'):.1f} ms/step (load {row['load']:.1f})", flush=True)
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    args = _parse_args(argv)
+    torch_env = setup_process(args.xla_flags)
+    import jax
+
+    script = args.torch_script if args.torch_script and pathlib.Path(args.torch_script).is_file() else ""
+    if args.torch_script and not script:
+        print(f"note: {args.torch_script} not found; PyTorch column left empty")
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+          f"{os.cpu_count()} CPU cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+          f"bank={args.bank} k={args.k}, {args.steps} steps x {args.repeats} repeats, median")
+    rows = time_table(args, script, torch_env)
     _print_table(rows, args)
     return rows
 

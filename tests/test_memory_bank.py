@@ -282,6 +282,7 @@ def test_sharded_bfloat16_bank_finds_the_float32_neighbours(mesh):
                                update_numpy(np.asarray(bf16_bank, np.float32), idx, f, 0.5)[idx], atol=1e-2)
 
 
+@pytest.mark.needs_devices(NUM_DEVICES)
 @pytest.mark.parametrize("via_all_gather", [False, True])
 def test_candidates_reach_the_device_that_holds_the_example(via_all_gather):
     # Each of 8 shards proposes k=3 candidates for all 16 examples; device d must receive rows

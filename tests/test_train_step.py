@@ -73,6 +73,7 @@ def assert_trees_close(a, b, atol):
 PHASES = [Phase.BAS, Phase.BAS, Phase.FGC_INSTANCE, Phase.FGC_NEIGHBOURS, Phase.FGC_NEIGHBOURS]
 
 
+@pytest.mark.needs_devices(8)
 @pytest.mark.parametrize("sync_batch_norm", [True, False])
 def test_one_and_eight_devices_agree(sync_batch_norm):
     """Same global batches through every phase -> same losses, params, BN stats, banks.
@@ -117,6 +118,7 @@ def test_weights_follow_the_spec_schedule():
                                rtol=1e-6)
 
 
+@pytest.mark.needs_cpu
 def test_cpu_compiler_options_reach_the_train_step():
     # An option value XLA rejects proves the config's options are passed to the compiled step.
     config = tiny_config()
