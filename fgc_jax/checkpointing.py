@@ -18,6 +18,7 @@ import functools
 import logging as std_logging
 import os
 import time
+import weakref
 from typing import Any, Mapping
 
 import jax
@@ -141,12 +142,15 @@ def verify(tree: Any, expected: Mapping[str, str] | None, where: str) -> None:
 class _OrbaxSaveErrors(std_logging.Filter):
     """Takes orbax's tracebacks of a failed background save off the log and keeps their message."""
 
+    MARKS = ("background save thread", "Checkpointer failed", "_SignalingThread", "Save Finalize thread")
+
     def __init__(self):
         super().__init__()
         self.messages: list[str] = []
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.exc_info and "/orbax/" in record.pathname:
+        if (record.exc_info and "/orbax/" in record.pathname
+                and any(mark in record.getMessage() for mark in self.MARKS)):
             error = record.exc_info[1]
             self.messages.append(f"{type(error).__name__}: {error}")
             return False
@@ -160,13 +164,17 @@ def _save_errors() -> _OrbaxSaveErrors:
     return catcher
 
 
+# The step of each manager's save in flight, until `check_saves` has seen it committed.
+_IN_FLIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A manager over `workdir/checkpoints` keeping the last `keep_checkpoints` and the best top-1.
 
     `best_fn` makes orbax write each checkpoint's metrics next to it and read them back when a
     later run opens the directory, so "best" is known across restarts.
     """
-    _save_errors()
+    _save_errors().messages.clear()
     policy = preservation_policy.AnyPreservationPolicy([
         preservation_policy.LatestN(n=config.keep_checkpoints),
         preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
@@ -192,44 +200,52 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[st
         raise FloatingPointError(
             f"the state at step {step} holds non-finite values in {_summary(non_finite)}; it was not "
             "saved")
-    check_saves(manager)
+    check_saves(manager, wait=True)
     try:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, fingerprints=prints))),
             metrics=dict(metrics) if metrics else None, force=True)
     except Exception as e:  # orbax raises many types (OSError, ValueError, ...)
         raise SaveError(_save_failed(manager, step, f"{type(e).__name__}: {e}")) from e
+    _IN_FLIGHT[manager] = step
 
 
 def _save_failed(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
-    return (f"saving checkpoint {step} to {manager.directory} failed ({' '.join(reason.split())}); "
+    reason = " ".join(reason.split())
+    if len(reason) > 400:
+        reason = reason[:150] + " ... " + reason[-250:]
+    return (f"saving checkpoint {step} to {manager.directory} failed ({reason}); "
             "the run stopped. Free space or fix the directory, then rerun the same command: it "
-            f"resumes from the newest complete checkpoint ({manager.latest_step()})")
+            "resumes from the newest complete checkpoint")
 
 
-def check_saves(manager: ocp.CheckpointManager) -> None:
-    """Raises `SaveError` if a finished background save did not commit its checkpoint.
+def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:
+    """Raises `SaveError` if the last background save did not commit its checkpoint.
 
-    Cheap (no waiting): call it after every step, so a failed save stops the run within one step.
+    `wait`: first wait for a save in flight (the loop does so after the step that follows a
+    save, so a save overlaps one train step and a failed one stops the run within one step);
+    otherwise a save still running is looked at next time.
     """
+    step = _IN_FLIGHT.get(manager)
+    if step is None or (not wait and manager.is_saving_in_progress()):
+        return
+    del _IN_FLIGHT[manager]
     catcher = _save_errors()
     try:
-        manager.check_for_errors()
+        manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
         catcher.messages.append(f"{type(e).__name__}: {e}")
-    if catcher.messages:
-        reason = catcher.messages[-1]
+    committed = (manager.directory / str(step)).exists()
+    if catcher.messages or not committed:
+        reason = catcher.messages[0] if catcher.messages else "the checkpoint was not committed"
         catcher.messages.clear()
-        raise SaveError(_save_failed(manager, -1, reason).replace("checkpoint -1", "a checkpoint"))
+        raise SaveError(_save_failed(manager, step, reason))
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
     """Waits for background saves, raising `SaveError` if one failed."""
-    try:
-        manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-        _save_errors().messages.append(f"{type(e).__name__}: {e}")
-    check_saves(manager)
+    check_saves(manager, wait=True)
+    manager.wait_until_finished()
 
 
 # ----------------------------------------------------------------------------------------

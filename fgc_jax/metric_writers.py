@@ -68,6 +68,7 @@ class MetricWriter:
             value = float(value)
             record[name] = value if math.isfinite(value) else str(value)
             self._tensorboard.add_scalar(name, value, int(step))
+        self._tensorboard.flush()  # on disk before any checkpoint of a later step (kill -9 safe)
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 

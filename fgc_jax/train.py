@@ -318,10 +318,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
         if jax.process_index() == 0:  # only now: a rejected checkpoint leaves the old config.json
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json_best_effort(indent=2))
-        return _loop(config, workdir, trainer, manager, loader, state, start_step, total_steps,
-                     resumed[2] if resumed else None, cost, preemption)
-    finally:
-        manager.close()
+        report = _loop(config, workdir, trainer, manager, loader, state, start_step, total_steps,
+                       resumed[2] if resumed else None, cost, preemption)
+    except BaseException:
+        try:  # the error on its way out says what happened; one from closing would hide it
+            manager.close()
+        except Exception:  # pylint: disable=broad-except
+            pass
+        raise
+    manager.close()
+    return report
 
 
 def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainState, start_step: int,
@@ -355,7 +361,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
                      report["top1"], report["mean_macs"], report["pruning_ratio"])
         return report, scalars
 
-    failed = True
+    failed = True  # an error on its way out must not be hidden by one from closing the writer
     try:
         if start_step >= total_steps:
             logging.info("%s already holds the final checkpoint (step %d)", workdir, start_step)
@@ -369,7 +375,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
             epoch = step // steps_per_epoch
             batch = input_pipeline.to_global(next(batches), mesh)
             state, metrics = trainer.train_step(state, batch, schedules.phase(config, epoch))
-            checkpointing.check_saves(manager)  # a failed background save stops the run here
+            checkpointing.check_saves(manager, wait=True)  # a failed save stops the run here
             pending.append(metrics)
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
@@ -397,11 +403,10 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
                 break
         failed = False
     finally:
-        writer.close()
-        if failed:  # the error on its way out says what happened; a second one would hide it
-            try:
-                manager.wait_until_finished()
-            except Exception:  # pylint: disable=broad-except
-                pass
+        try:
+            writer.close()
+        except OSError:
+            if not failed:
+                raise
     checkpointing.wait(manager)
     return report
