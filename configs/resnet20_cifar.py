@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoints, logging, evaluation.
     config.checkpoint_every_steps = 1000  # besides the end of every epoch
     config.keep_checkpoints = 3  # most recent checkpoints kept (the best one is kept as well)
+    # On resume, a checkpoint that fails its integrity check (fingerprints, NaN/inf, unreadable):
+    # True = move it to WORKDIR/quarantine/ and resume from the newest one that passes (for
+    # unattended jobs; an ERROR line names it); False = stop, leaving it in place.
+    config.checkpoint_fallback = True
     config.log_every_steps = 50
     config.eval_every_epochs = 5  # and at the end of the run
     return config

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Sequence
 
 from absl import app, flags
@@ -56,11 +55,7 @@ def main(argv: Sequence[str]) -> None:
     dirs = argv[1:]
     if not dirs:
         raise app.UsageError("give one or more evaluation output directories")
-    try:
-        reports = [read_report(d) for d in dirs]
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    reports = [read_report(d) for d in dirs]
     names = [run_name(d) for d in dirs]
     print(format_table(names, reports))
     if flags.FLAGS.output:
@@ -74,4 +69,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.DEFINE_string("output", "accuracy_vs_macs.png", "Where to draw the plane ('' for none).")
-    app.run(main)
+    from fgc_jax import cli
+
+    cli.run(main)

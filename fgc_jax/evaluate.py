@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from fgc_jax import alignment, checkpointing, compilation, flops, input_pipeline
+from fgc_jax import alignment, checkpointing, cli, compilation, flops, input_pipeline
 
 AXIS = "data"
 ALIGNMENT_KS = (5, 10, 50)
@@ -368,13 +367,9 @@ def main(argv: Sequence[str]) -> None:
             output_dir = os.path.join(f.workdir, "eval")
         else:
             output_dir = "eval_" + os.path.splitext(os.path.basename(f.torch_checkpoint))[0]
-    try:
-        report = run_evaluation(f.config, output_dir, workdir=f.workdir, step=f.step,
-                                torch_checkpoint=f.torch_checkpoint,
-                                alignment_max_examples=f.alignment_max_examples)
-    except (EvaluationError, FileNotFoundError, checkpointing.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)  # a message, not a traceback
-        sys.exit(1)
+    report = run_evaluation(f.config, output_dir, workdir=f.workdir, step=f.step,
+                            torch_checkpoint=f.torch_checkpoint,
+                            alignment_max_examples=f.alignment_max_examples)
     print(format_summary(report))
     print(f"report and pictures in {os.path.abspath(output_dir)}: {REPORT_NAME}, "
           + ", ".join(report["pictures"]))
@@ -392,4 +387,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("alignment_max_examples", 10000,
                          "Alignment uses at most this many evenly spaced test examples (0: all).")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, user_errors=(EvaluationError,))

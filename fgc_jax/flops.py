@@ -313,4 +313,6 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from fgc_jax import cli
+
+    cli.run(main)

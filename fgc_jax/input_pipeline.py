@@ -280,6 +280,14 @@ def _in_memory(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarra
     return _read_tfds(config.dataset, split, config.data.dir, config.data.manual_dir)
 
 
+
+def check_labels(config: ml_collections.ConfigDict) -> None:
+    """Loads both splits of an in-memory dataset (CIFAR, digits), checking every label, so bad
+    files fail before any training; ImageNet's labels are checked as its batches are decoded."""
+    if config.dataset != "imagenet2012":
+        for split in ("train", _spec(config).test_split):
+            _in_memory(config, split)
+
 @functools.cache
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
     """Threads for decoding and per-example transforms (PIL and NumPy release the GIL)."""

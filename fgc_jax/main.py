@@ -1,12 +1,19 @@
 """Trains FGC: `python -m fgc_jax.main --config=configs/resnet56_cifar.py --workdir=DIR`.
 
 Flags only; the work is `train.train_and_evaluate`. Config fields can be overridden with
-`--config.field=value` (e.g. `--config.fgc.k=100`); unknown fields are rejected.
+`--config.field=value` (e.g. `--config.fgc.k=100`); unknown fields are rejected. Errors the
+user can fix print one `error: ...` line and exit with status 2 (`fgc_jax.cli`).
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+from fgc_jax.preemption import PreemptionFlag
 
-from fgc_jax import distributed, host_memory, train
+# Before anything expensive: from here on a SIGTERM stops the run cleanly instead of killing it.
+_PREEMPTION = PreemptionFlag()
+
+# pylint: disable=wrong-import-position
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fgc_jax import cli, distributed, host_memory, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -31,13 +38,16 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _PREEMPTION.raised_here():  # before the restart below, which would forget the signal
+        logging.warning("SIGTERM before the run started: nothing to do")
+        return
     host_memory.reexec_with(FLAGS.config.host_malloc_tunables)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.distributed_timeout, FLAGS.cpu_collectives)
     logging.info("Config:\n%s", FLAGS.config)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, preemption=_PREEMPTION)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

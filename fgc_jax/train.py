@@ -9,9 +9,7 @@ transpose of the collectives yields exactly the single-device gradient.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import signal
 import time
 from typing import Any, Callable, Mapping
 
@@ -24,14 +22,14 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fgc_jax import (checkpointing, compilation, evaluate, flops, input_pipeline, losses, memory_bank,
-                     schedules, torch_import)
+from fgc_jax import (checkpointing, compilation, config_check, evaluate, flops, input_pipeline, losses,
+                     memory_bank, schedules, torch_import, workdir_lock)
 from fgc_jax.metric_writers import MetricWriter
 from fgc_jax.models import create_model
+from fgc_jax.preemption import PreemptionFlag
 from fgc_jax.schedules import Phase
 
 Array = jax.Array
@@ -63,35 +61,9 @@ class TrainState:
 
 def validate_config(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
                     num_devices: int) -> None:
-    """Fails fast, before any compilation, on settings that cannot run."""
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
-
-    check(config.batch_size % num_devices == 0,
-          f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; use a multiple "
-          f"of {num_devices}")
-    check(config.eval_batch_size % num_devices == 0,
-          f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
-    check(config.batch_size <= info.num_train,
-          f"batch_size={config.batch_size} exceeds the {info.num_train} training examples")
-    check(config.num_epochs > 0, f"num_epochs must be positive, got {config.num_epochs}")
-    check(0 <= config.bas.epochs <= config.num_epochs,
-          f"bas.epochs={config.bas.epochs} must lie in [0, num_epochs={config.num_epochs}]")
-    check(config.fgc.kappa >= 0, f"fgc.kappa must be >= 0, got {config.fgc.kappa}")
-    check(0 < config.fgc.k < info.num_train,
-          f"fgc.k={config.fgc.k} must satisfy 0 < k < the {info.num_train} training examples (bank rows)")
-    check(config.fgc.temperature > 0, f"fgc.temperature must be positive, got {config.fgc.temperature}")
-    check(0 <= config.fgc.momentum < 1, f"fgc.momentum must be in [0, 1), got {config.fgc.momentum}")
-    check(config.fgc.bank_dtype in BANK_DTYPES,
-          f"fgc.bank_dtype={config.fgc.bank_dtype!r} is unknown; choose one of {tuple(BANK_DTYPES)}")
-    check(config.fgc.knn_method in memory_bank.KNN_METHODS,
-          f"fgc.knn_method={config.fgc.knn_method!r} is unknown; choose one of {memory_bank.KNN_METHODS}")
-    check(config.optimizer.learning_rate > 0, "optimizer.learning_rate must be positive")
-    check(config.matmul_precision in compilation.MATMUL_PRECISIONS,
-          f"matmul_precision={config.matmul_precision!r} is unknown; choose one of {compilation.MATMUL_PRECISIONS}")
-    check(config.log_every_steps > 0 and config.checkpoint_every_steps > 0,
-          "log_every_steps and checkpoint_every_steps must be positive")
+    """Fails fast, before any compilation, on settings that cannot run (`fgc_jax.config_check`)."""
+    config_check.check_fields(config)
+    config_check.check_against_data(config, info, num_devices)
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -342,28 +314,6 @@ def _checkpoint_meta(config, step: int, steps_per_epoch: int) -> dict[str, Any]:
             "batch_size": config.batch_size, "seed": config.seed}
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
-
-    def __init__(self):
-        self._raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
-        self._raised = True
-
-    def raised(self) -> bool:
-        """Whether any process was sent SIGTERM (all processes must stop at the same step)."""
-        if jax.process_count() == 1:
-            return self._raised
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._raised))))
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def _flush_metrics(pending: list[dict[str, Array]], step: int, seconds: float, batch_size: int,
                    writer: MetricWriter, last_checkpoint: int | None) -> dict[str, float]:
     """Averages the steps' metrics since the last flush, writes them, stops on NaN/inf."""
@@ -371,8 +321,8 @@ def _flush_metrics(pending: list[dict[str, Array]], step: int, seconds: float, b
     means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     if not all(np.isfinite([m["loss"] for m in host])):
         raise FloatingPointError(
-            f"non-finite loss at or before step {step} ({means}); training stopped. The last good "
-            f"checkpoint (step {last_checkpoint}) is kept; lower the learning rate or inspect the data")
+            f"non-finite loss at or before step {step} (loss {means['loss']}); training stopped. "
+            f"{_keep_advice(last_checkpoint)}")
     means["images_per_second"] = len(host) * batch_size / max(seconds, 1e-9)
     means["ms_per_step"] = 1e3 * seconds / len(host)
     writer.write_scalars(step, means)
@@ -380,11 +330,42 @@ def _flush_metrics(pending: list[dict[str, Array]], step: int, seconds: float, b
     return means
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates; returns
-    the last evaluation report."""
-    info = input_pipeline.dataset_info(config)
-    mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+def _keep_advice(last_checkpoint: int | None) -> str:
+    if last_checkpoint is None:
+        return "No checkpoint was written; lower --config.optimizer.learning_rate or inspect the data"
+    return (f"The last checkpoint (step {last_checkpoint}, all arrays finite) is kept: rerun the same "
+            "command with a lower --config.optimizer.learning_rate to continue from it, or inspect the data")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       preemption: PreemptionFlag | None = None) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its newest checkpoint that verifies) and
+    evaluates; returns the last evaluation report.
+
+    Order: every config field is checked, then the data's labels, then the workdir is locked
+    (process 0), and only then is anything written or compiled. `preemption`: a SIGTERM flag
+    installed earlier by the caller (default: installed here).
+    """
+    config_check.check_fields(config)
+    own_flag = preemption is None
+    preemption = preemption or PreemptionFlag()
+    lock = workdir_lock.WorkdirLock(workdir)
+    try:
+        info = input_pipeline.dataset_info(config)
+        mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+        config_check.check_against_data(config, info, mesh.size)
+        input_pipeline.check_labels(config)
+        if jax.process_index() == 0:
+            lock.acquire()
+        return _train(config, workdir, info, mesh, preemption)
+    finally:
+        lock.release()
+        if own_flag:
+            preemption.restore()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline.DatasetInfo,
+           mesh: jax.sharding.Mesh, preemption: PreemptionFlag) -> dict[str, Any]:
     loader = input_pipeline.TrainLoader(config, global_batch_size=config.batch_size)
     steps_per_epoch = loader.steps_per_epoch
     trainer = Trainer(config, info, mesh, steps_per_epoch)
@@ -392,57 +373,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_model = trainer.eval_model
     cost = flops.cost_model(eval_model, info.image_shape)
 
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
     manager = checkpointing.create_manager(workdir, config)
-    state = trainer.create_state(config.seed)
-    latest = manager.latest_step()
-    if latest is not None:
+    try:
+        state = trainer.create_state(config.seed)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, trainer.shardings)
-        state, _ = checkpointing.restore(manager, latest, abstract, config)
-        logging.info("Resumed from checkpoint %d in %s", latest, workdir)
-    elif config.init_from:
-        state = initialise_from(config.init_from, trainer, state)
-        logging.info("Initialised from %s; training starts at step %d (epoch %d)", config.init_from,
-                     int(state.step), int(state.step) // steps_per_epoch)
+        resumed = checkpointing.restore_newest_good(manager, abstract, config, workdir)
+        if resumed is not None:
+            state, _, latest = resumed
+            logging.info("Resumed from checkpoint %d in %s", latest, workdir)
+        elif config.init_from:
+            state = initialise_from(config.init_from, trainer, state)
+            logging.info("Initialised from %s; training starts at step %d (epoch %d)", config.init_from,
+                         int(state.step), int(state.step) // steps_per_epoch)
+        start_step = int(jax.device_get(state.step))
+        if jax.process_index() == 0:  # only now: a rejected checkpoint leaves the old config.json
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        report = _loop(config, workdir, trainer, manager, loader, state, start_step, total_steps,
+                       resumed[2] if resumed else None, cost, preemption)
+    except BaseException:
+        try:  # the error on its way out says what happened; one from closing would hide it
+            manager.close()
+        except Exception:  # pylint: disable=broad-except
+            pass
+        raise
+    manager.close()
+    return report
 
-    writer = MetricWriter(workdir)
-    preemption = _PreemptionFlag()
+
+def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainState, start_step: int,
+          total_steps: int, last_checkpoint: int | None, cost, preemption: PreemptionFlag
+          ) -> dict[str, Any]:
+    """The training loop from `start_step`; checkpoints, evaluations, metrics, preemption."""
+    mesh, steps_per_epoch = trainer.mesh, trainer.steps_per_epoch
+    writer = MetricWriter(workdir, start_step)
     pending: list[dict[str, Array]] = []
     report: dict[str, Any] = {}
-    last_checkpoint = latest
-    start_step = int(jax.device_get(state.step))
     timer, t0, started = time.perf_counter(), time.perf_counter(), start_step
 
     def checkpoint(step: int, metrics: Mapping[str, float] | None = None) -> None:
         nonlocal last_checkpoint
-        checkpointing.save(manager, step, state, _checkpoint_meta(config, step, steps_per_epoch), metrics)
+        meta = _checkpoint_meta(config, step, steps_per_epoch)
+        try:
+            checkpointing.save(manager, step, state, meta, metrics)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}. {_keep_advice(last_checkpoint)}") from e
         last_checkpoint = step
 
-    def run_eval(step: int) -> tuple[dict[str, Any], dict[str, float]]:
-        report = evaluate.evaluate_model(eval_model, {"params": state.params,
-                                                      "batch_stats": state.batch_stats},
+    def run_eval(step: int, write: bool = True) -> tuple[dict[str, Any], dict[str, float]]:
+        report = evaluate.evaluate_model(trainer.eval_model, {"params": state.params,
+                                                              "batch_stats": state.batch_stats},
                                          config, mesh, cost)
         scalars = {k: v for k, v in report.items() if isinstance(v, (int, float))}
         scalars.update({f"block_density/{b}": d for b, d in enumerate(report["block_density"])})
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+        if write:
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
         logging.info("step %d eval: top1 %.4f, mean MACs %.4g, pruning ratio %.3f", step,
                      report["top1"], report["mean_macs"], report["pruning_ratio"])
         return report, scalars
 
+    failed = True  # an error on its way out must not be hidden by one from closing the writer
     try:
         if start_step >= total_steps:
             logging.info("%s already holds the final checkpoint (step %d)", workdir, start_step)
-            report, _ = run_eval(start_step)
+            report, _ = run_eval(start_step, write=False)  # its metrics were written by that run
+        elif preemption.raised():
+            logging.warning("Stopped for preemption before training began; rerun the same command")
+            failed = False
+            return report
         batches = loader.batches(start_step)
         for step in range(start_step, total_steps):
             epoch = step // steps_per_epoch
             batch = input_pipeline.to_global(next(batches), mesh)
             state, metrics = trainer.train_step(state, batch, schedules.phase(config, epoch))
+            checkpointing.check_saves(manager, wait=True)  # a failed save stops the run here
             pending.append(metrics)
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
@@ -468,9 +473,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.warning("Stopped for preemption at step %d; rerun the same command to resume",
                                 done)
                 break
+        failed = False
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        preemption.restore()
+        try:
+            writer.close()
+        except OSError:
+            if not failed:
+                raise
+    checkpointing.wait(manager)
     return report
