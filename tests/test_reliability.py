@@ -25,7 +25,7 @@ from fgc_jax import checkpointing, config_check, train, workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# A depth-8 gated ResNet on the digits: 11 steps an epoch, 22 steps through BAS and FGC.
+# A depth-8 gated ResNet on the digits: 12 steps an epoch, 24 steps through BAS and FGC.
 TINY = {"model.depth": 8, "num_epochs": 2, "bas.epochs": 1, "fgc.warmup_epochs": 1,
         "sparsity.ramp_epochs": 1, "optimizer.lr_milestones": (2,), "checkpoint_every_steps": 1000,
         "log_every_steps": 1, "eval_every_epochs": 1}
@@ -167,7 +167,7 @@ def test_kill_9_at_several_moments_then_resume_equals_an_uninterrupted_run(tmp_p
 
     a, step_a = read_state(straight)
     b, step_b = read_state(str(workdir))
-    assert step_a == step_b == 22
+    assert step_a == step_b == 24
     assert_same_arrays(a, b)
     assert metric_rows(workdir) == metric_rows(straight)  # no duplicate, missing or reordered rows
     assert tensorboard_scalars(workdir) == tensorboard_scalars(straight)
@@ -235,24 +235,24 @@ def tree_bytes(directory):
 def test_flipped_byte_is_detected_and_the_newest_good_checkpoint_resumes(tmp_path, straight):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(tiny_config(checkpoint_every_steps=5), workdir)
-    assert steps_on_disk(workdir)[-2:] == [20, 22]
-    target = largest_data_file(pathlib.Path(workdir, "checkpoints", "22"))
+    assert steps_on_disk(workdir)[-2:] == [20, 24]
+    target = largest_data_file(pathlib.Path(workdir, "checkpoints", "24"))
     data = bytearray(target.read_bytes())
     data[1000] ^= 0xFF
     target.write_bytes(bytes(data))
-    before = tree_bytes(pathlib.Path(workdir, "checkpoints", "22"))
+    before = tree_bytes(pathlib.Path(workdir, "checkpoints", "24"))
 
     # Told to stop: a CheckpointError naming the checkpoint and an array; nothing touched.
     with pytest.raises(checkpointing.CheckpointError,
-                       match=r"checkpoint 22 .*(array \S+|cannot be restored).*left untouched"):
+                       match=r"checkpoint 24 .*(array \S+|cannot be restored).*left untouched"):
         train.train_and_evaluate(tiny_config(checkpoint_fallback=False), workdir)
-    assert tree_bytes(pathlib.Path(workdir, "checkpoints", "22")) == before
+    assert tree_bytes(pathlib.Path(workdir, "checkpoints", "24")) == before
 
-    # Unattended (the default): checkpoint 22 is moved aside intact, the run resumes from 20
+    # Unattended (the default): checkpoint 24 is moved aside intact, the run resumes from 20
     # and ends where the uninterrupted run ended.
     train.train_and_evaluate(tiny_config(), workdir)
     quarantined = list(pathlib.Path(workdir, "quarantine").iterdir())
-    assert [p.name.split("-")[0] for p in quarantined] == ["22"]
+    assert [p.name.split("-")[0] for p in quarantined] == ["24"]
     assert tree_bytes(quarantined[0]) == before
     assert_same_arrays(read_state(straight)[0], read_state(workdir)[0])
     assert metric_rows(workdir) == metric_rows(straight)
@@ -279,8 +279,8 @@ def test_divergence_keeps_a_finite_checkpoint_and_a_lower_lr_continues_from_it(t
         for path, x in jax.tree.leaves_with_path(state):
             x = np.asarray(x)
             assert not np.issubdtype(x.dtype, np.floating) or np.isfinite(x).all(), (step, path)
-    assert steps_on_disk(workdir) == [11]
-    train.train_and_evaluate(tiny_config(), workdir)  # the original lr: continues from step 11
+    assert steps_on_disk(workdir) == [12]
+    train.train_and_evaluate(tiny_config(), workdir)  # the original lr: continues from step 12
     assert_same_arrays(read_state(straight)[0], read_state(workdir)[0])
 
 
@@ -330,7 +330,7 @@ def test_best_checkpoint_survives_restarts_of_a_run(tmp_path):
         best = max(evals)[0]
         on_disk = steps_on_disk(workdir)
         assert any(top == best and step in on_disk for top, step in evals), (evals, on_disk)
-        assert on_disk[-1] == 11 * epochs
+        assert on_disk[-1] == 12 * epochs
 
 
 # ----------------------------------------------------------------------------------------
