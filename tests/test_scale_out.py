@@ -13,8 +13,8 @@ after the first step parameters differ by ~1e-7. The gated network's gradient is
 function of the parameters at that level: changing parameters by one float32 ulp moves the
 cross-entropy gradient by ~1e-3 (relative; measured in a single process with one program), and
 at the quickstart's learning rate 0.1 that difference grows ~100x a step. The tests therefore
-train with learning rate 1e-3, where the runs stay within 2e-5 (measured after 9 steps, the
-third of each epoch padded: banks 1.2e-5; checked at 5e-5 after 12 steps with a change of layout
+train with learning rate 1e-3, where the runs stay within 5e-5 (measured after 9 steps, the
+third of each epoch padded: up to 2.0e-5 over reruns; also 5e-5 after 12 steps with a change of layout
 at step 9), and compare the gradient-carrying values (grad_norm, the momentum buffer) at the level
 of that ulp sensitivity. A real aggregation error (a missing or doubled share of the batch) moves
 params by ~1e-4 and grad_norm by percents, far outside these bounds.
@@ -57,7 +57,7 @@ TRAIN_FLAGS = (
     "--config.log_every_steps=1",
     "--config.eval_every_epochs=100",  # evaluate at the end of the run only
 )
-ATOL = 2e-5  # params, BN statistics, memory banks after the 9 steps (measured: <= 1.2e-5)
+ATOL = 5e-5  # params, BN statistics, memory banks after the 9 steps (measured: up to 2.0e-5 across reruns)
 RESUMED_ATOL = 5e-5  # the same after 8 steps and a change of layout at step 6 (measured: 1.0e-5)
 LOSS_RTOL = 1e-5  # per-step loss terms
 GRAD_RTOL = 1e-3  # gradient norms: the ulp sensitivity above
