@@ -59,7 +59,7 @@ TRAIN_FLAGS = (
 )
 ATOL = 5e-5  # params, BN statistics, memory banks after the 9 steps (measured: up to 2.0e-5 across reruns)
 RESUMED_ATOL = 5e-5  # the same after 8 steps and a change of layout at step 6 (measured: 1.0e-5)
-LOSS_RTOL = 1e-5  # per-step loss terms
+LOSS_RTOL = 1e-4  # per-step loss terms (measured up to 3.6e-5 by step 8)
 GRAD_RTOL = 1e-3  # gradient norms: the ulp sensitivity above
 MOMENTUM_ATOL = 2e-3  # the optimiser's momentum buffer: accumulated raw gradients
 RUN_TIMEOUT = 900
