@@ -317,6 +317,14 @@ def _cell(x: Any, fmt: str = "{:.1f}") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 
+def _table(title: str, preface: list[str], columns: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown section: title, preface lines, then the table; a column named `...>` is right-aligned."""
+    header = "| " + " | ".join(c.removesuffix(">") for c in columns) + " |"
+    align = "|" + "|".join("---:" if c.endswith(">") else "---" for c in columns) + "|"
+    body = ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return [f"## {title}", "", *[line for p in preface for line in (p, "")], header, align, *body, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables."""
     env = report["sections"].get("environment", {})
@@ -332,45 +340,39 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Tests", "", f"`{tests['command']}`: " + ", ".join(f"{n} {w}" for w, n in tests["counts"].items()),
                   ""] + [f"- failed: {t}" for t in tests["failed"]] + [f"- skipped: {s}" for s in tests["skipped"]]
         lines.append("")
-    rows = report["sections"].get("train_step")
-    if rows:
-        lines += ["## Full FGC train step (one device)", "", f"PyTorch comparator: {report['comparator']}", "",
-                  "| model | batch | fgc_jax compute | fgc_jax ms/step (min-max) | img/s | PyTorch fp32 ms/step "
-                  "(min-max) | ratio (img/s) | compile s |", "|---|---:|---|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            lines.append(f"| ResNet-{r['depth']} | {r['batch']} | {r['dtype']} | {r['jax_ms']:.1f} ({r['jax_spread']}) "
-                         f"| {r['jax_img_s']:.0f} | {_cell(r['torch_ms'])} ({r['torch_spread']}) | "
-                         f"{_cell(r['ratio'], '{:.2f}x')} | {r['compile_s']:.0f} |")
-        lines.append("")
-    rows = report["sections"].get("resnet18")
-    if rows:
-        lines += ["## ResNet-18: share of the two FGC blocks", "",
-                  "| model | batch | image | bank rows | compute | bank dtype | full step ms | without FGC ms | "
-                  "FGC ms | FGC share | img/s |", "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['image']} | {r['rows']:,} | {r['dtype']} | "
-                         f"{r['bank_dtype']} | {r['full_ms']:.1f} | {r['model_ms']:.1f} | {r['fgc_ms']:.1f} | "
-                         f"{100 * r['fgc_share']:.0f}% | {r['full_img_s']:.0f} |")
-        lines.append("")
-    rows = report["sections"].get("cpu_vs_accel")
-    if rows:
-        lines += ["## CPU vs accelerator, short cifar10-mini run, same seed", "",
-                  "| other run | steps | first loss CPU / other | rel. diff | last-quarter loss rel. diff | "
-                  "param rel. L2 diff | test gates agreeing | top-1 CPU / other | within tolerance |",
-                  "|---|---:|---|---:|---:|---:|---:|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['backend']}, precision {r['precision']} ({r['kind']}) | {r['steps']} | "
-                         f"{r['first_loss'][0]:.5f} / {r['first_loss'][1]:.5f} | {r['first_loss_rel']:.1e} | "
-                         f"{r['last_losses_rel']:.1e} | {r['param_rel_l2']:.1e} | {100 * r['gate_agreement']:.2f}% | "
-                         f"{100 * r['top1'][0]:.2f}% / {100 * r['top1'][1]:.2f}% | "
-                         f"{'yes' if r['within_tolerance'] else 'NO'} (tolerance {r['tolerance']}) |")
-        lines.append("")
-    lines += ["## Stages", "", "| stage | seconds | CPU seconds (with subprocesses) | status |",
-              "|---|---:|---:|---|"]
-    lines += [f"| {name} | {s['seconds']:.1f} | {s['cpu_s']:.1f} | "
-              f"{s['error'].strip().splitlines()[-1] if 'error' in s else 'ok'} |"
-              for name, s in report["stages"].items()]
-    lines += [""] + [f"- {note}" for note in report["notes"]]
+    sections = report["sections"]
+    if sections.get("train_step"):
+        lines += _table(
+            "Full FGC train step (one device)", [f"PyTorch comparator: {report['comparator']}"],
+            ["model", "batch", "fgc_jax compute", "fgc_jax ms/step (min-max)>", "img/s>",
+             "PyTorch fp32 ms/step (min-max)>", "ratio (img/s)>", "compile s>"],
+            [[f"ResNet-{r['depth']}", r["batch"], r["dtype"], f"{r['jax_ms']:.1f} ({r['jax_spread']})",
+              f"{r['jax_img_s']:.0f}", f"{_cell(r['torch_ms'])} ({r['torch_spread']})",
+              _cell(r["ratio"], "{:.2f}x"), f"{r['compile_s']:.0f}"] for r in sections["train_step"]])
+    if sections.get("resnet18"):
+        lines += _table(
+            "ResNet-18: share of the two FGC blocks", [],
+            ["model", "batch>", "image>", "bank rows>", "compute", "bank dtype", "full step ms>",
+             "without FGC ms>", "FGC ms>", "FGC share>", "img/s>"],
+            [[r["model"], r["batch"], r["image"], f"{r['rows']:,}", r["dtype"], r["bank_dtype"],
+              f"{r['full_ms']:.1f}", f"{r['model_ms']:.1f}", f"{r['fgc_ms']:.1f}",
+              f"{100 * r['fgc_share']:.0f}%", f"{r['full_img_s']:.0f}"] for r in sections["resnet18"]])
+    if sections.get("cpu_vs_accel"):
+        lines += _table(
+            "CPU vs accelerator, short cifar10-mini run, same seed", [],
+            ["other run", "steps>", "first loss CPU / other", "rel. diff>", "last-quarter loss rel. diff>",
+             "param rel. L2 diff>", "test gates agreeing>", "top-1 CPU / other", "within tolerance"],
+            [[f"{r['backend']}, precision {r['precision']} ({r['kind']})", r["steps"],
+              f"{r['first_loss'][0]:.5f} / {r['first_loss'][1]:.5f}", f"{r['first_loss_rel']:.1e}",
+              f"{r['last_losses_rel']:.1e}", f"{r['param_rel_l2']:.1e}", f"{100 * r['gate_agreement']:.2f}%",
+              f"{100 * r['top1'][0]:.2f}% / {100 * r['top1'][1]:.2f}%",
+              f"{'yes' if r['within_tolerance'] else 'NO'} (tolerance {r['tolerance']})"]
+             for r in sections["cpu_vs_accel"]])
+    lines += _table(
+        "Stages", [], ["stage", "seconds>", "CPU seconds (with subprocesses)>", "status"],
+        [[name, f"{s['seconds']:.1f}", f"{s['cpu_s']:.1f}",
+          s["error"].strip().splitlines()[-1] if "error" in s else "ok"] for name, s in report["stages"].items()])
+    lines += [f"- {note}" for note in report["notes"]]
     lines += ["", f"Total: {report['total_s']:.1f} s"]
     return "\n".join(lines) + "\n"
 

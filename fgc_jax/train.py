@@ -196,8 +196,7 @@ class Trainer:
         (for batch shaping over the global batch, outside the shard_map), and the new BN
         statistics, banks and metrics.
         """
-        config = self.config
-        mask = batch["mask"] if "mask" in batch else jnp.ones(batch["label"].shape, bool)
+        config, mask = self.config, batch["mask"]
         (logits, gates), updates = self.model.apply(
             {"params": params, "batch_stats": batch_stats}, batch["image"], train=True, mask=mask,
             rngs={"gate": rng}, mutable=["batch_stats"])
@@ -246,6 +245,8 @@ class Trainer:
         return total, new_banks
 
     def _train_step(self, state: TrainState, batch, phase: Phase):
+        if "mask" not in batch:  # an unpadded batch: every example is real
+            batch = dict(batch, mask=jnp.ones(batch["label"].shape, bool))
         epoch = state.step // self.steps_per_epoch
         weights = schedules.loss_weights(self.config, epoch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -258,7 +259,7 @@ class Trainer:
             total, probs, aux = per_device(params, state.batch_stats, state.banks, batch, rng, weights)
             if probs:  # batch shaping: a loss of the global batch's distribution of each gate
                 replicated = NamedSharding(self.mesh, P())
-                mask = jax.reshard(batch["mask"], replicated) if "mask" in batch else None
+                mask = jax.reshard(batch["mask"], replicated)
                 shaping = sum(losses.batch_shaping_loss(jax.reshard(p, replicated), self.config.bas.alpha,
                                                         self.config.bas.beta, mask) for p in probs)
                 total = total + weights["zeta"] * shaping
