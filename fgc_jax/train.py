@@ -246,7 +246,7 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch, phase: Phase):
         if "mask" not in batch:  # an unpadded batch: every example is real
-            batch = dict(batch, mask=jnp.ones(batch["label"].shape, bool))
+            batch = dict(batch, mask=jnp.ones_like(batch["label"], bool))  # keeps its sharding
         epoch = state.step // self.steps_per_epoch
         weights = schedules.loss_weights(self.config, epoch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

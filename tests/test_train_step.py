@@ -32,11 +32,12 @@ INFO = input_pipeline.DatasetInfo(name="synthetic", num_train=NUM_TRAIN, num_tes
                                   image_shape=(8, 8, 3))
 
 
-def synthetic_batches(num_steps):
-    """Random batches; the last one is an epoch's last batch: 11 examples padded to 16."""
+def synthetic_batches(num_steps, pad_last=True):
+    """Random batches; with `pad_last`, the last one is an epoch's last batch: 11 examples
+    padded to 16."""
     rng = np.random.default_rng(0)
     for step in range(num_steps):
-        num_real = 11 if step == num_steps - 1 else BATCH
+        num_real = 11 if pad_last and step == num_steps - 1 else BATCH
         mask = np.arange(BATCH) < num_real
         yield {"image": np.where(mask[:, None, None, None], rng.normal(size=(BATCH, 8, 8, 3)), 0.0
                                  ).astype(np.float32),
@@ -45,14 +46,14 @@ def synthetic_batches(num_steps):
                "mask": mask}
 
 
-def run_steps(config, num_devices, phases):
+def run_steps(config, num_devices, phases, pad_last=True, with_mask=True):
     mesh = jax.make_mesh((num_devices,), ("data",), devices=jax.devices()[:num_devices])
     trainer = Trainer(config, INFO, mesh, steps_per_epoch=NUM_TRAIN // BATCH)
     state = trainer.create_state(seed=0)
     sharding = NamedSharding(mesh, P("data"))
     history = []
-    for phase, batch in zip(phases, synthetic_batches(len(phases))):
-        batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    for phase, batch in zip(phases, synthetic_batches(len(phases), pad_last)):
+        batch = {k: jax.device_put(v, sharding) for k, v in batch.items() if with_mask or k != "mask"}
         state, metrics = trainer.train_step(state, batch, phase)
         history.append(jax.device_get(metrics))
     return jax.device_get(state), history
@@ -100,6 +101,20 @@ def test_one_and_eight_devices_agree(sync_batch_norm):
     assert_trees_close(one.batch_stats, eight.batch_stats, atol=2e-5)
     assert_trees_close(one.banks, eight.banks, atol=2e-5)
     assert "fgc" in history_one[-1] and "batch_shaping" in history_one[0]
+
+
+@pytest.mark.needs_devices(8)
+def test_a_batch_without_mask_is_all_real():
+    """Library callers may leave out `mask`: on a sharded batch that trains as an all-True mask."""
+    config = tiny_config()
+    phases = [Phase.BAS, Phase.FGC_NEIGHBOURS]
+    masked, history_masked = run_steps(config, 8, phases, pad_last=False)
+    unmasked, history_unmasked = run_steps(config, 8, phases, pad_last=False, with_mask=False)
+    for h1, h2 in zip(history_masked, history_unmasked):
+        for name in h1:
+            np.testing.assert_allclose(h2[name], h1[name], atol=1e-6, rtol=1e-6, err_msg=name)
+    assert_trees_close(masked.params, unmasked.params, atol=1e-6)
+    assert_trees_close(masked.banks, unmasked.banks, atol=1e-6)
 
 
 def test_weights_follow_the_spec_schedule():
