@@ -234,7 +234,7 @@ def train_run(data: str, depth: int, batch: int, steps: int, precision: str, out
     import numpy as np
 
     from configs import resnet20_cifar
-    from fgc_jax import evaluate, flops, input_pipeline, schedules
+    from fgc_jax import evaluate, input_pipeline, macs, schedules
     from fgc_jax.train import Trainer
 
     config = resnet20_cifar.get_config()
@@ -259,7 +259,7 @@ def train_run(data: str, depth: int, batch: int, steps: int, precision: str, out
         phases.append(phase.value)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     report = evaluate.evaluate_model(trainer.eval_model, variables, config, mesh,
-                                     flops.cost_model(trainer.eval_model, info.image_shape), collect=True)
+                                     macs.cost_model(trainer.eval_model, info.image_shape), collect=True)
     params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
     np.savez(out, loss=np.array([float(h["loss"]) for h in history]), phases=np.array(phases), params=params,
              gates=np.concatenate([np.asarray(g) for g in report["per_example"]["gate"]], axis=1),

@@ -18,9 +18,9 @@ indices (a fresh set each step, cycled over a few pre-built batches). The JAX ti
 repetition is `steps` consecutive steps ended by `block_until_ready`, after compilation
 and `--warmup` untimed steps; the table shows the median over the repetitions (and the
 per-repetition spread). `--xla_force_host_platform_device_count` is dropped from
-XLA_FLAGS before JAX starts, and the process restarts itself once with the config's
-`host_malloc_tunables` as `fgc_jax.main` does, so the step runs as a user would run it on
-this host. The PyTorch comparator runs in the environment the benchmark was started with.
+XLA_FLAGS before JAX starts, and the process restarts itself as `fgc_jax.main` does (on
+a CPU host, once, with `cpu_workarounds.MALLOC_TUNABLES`), so the step runs as a user would
+run it on this host. The PyTorch comparator runs in the environment the benchmark was started with.
 """
 from __future__ import annotations
 
@@ -57,8 +57,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="the PyTorch comparator; '' skips it")
     p.add_argument("--torch_device", default="cpu", help="the comparator's --device: cpu | cuda")
     p.add_argument("--xla_flags", default="",
-                   help="appended to XLA_FLAGS before JAX starts: process-wide XLA options to try "
-                        "(the run's own per-step options are config.cpu_compiler_options)")
+                   help="appended to XLA_FLAGS before JAX starts: process-wide XLA options to try")
     p.add_argument("--breakdown", action="store_true",
                    help="also print where the step's time goes: the step of each phase (model only, "
                         "+ FGC instance loss, + k-NN) and a profiler trace grouped by kind of work")
@@ -249,7 +248,7 @@ class _HloClassifier:
         if opcode == "transpose" or name.startswith("transpose"):
             return "layout transposes (conv weight gradients)"
         if opcode == "dot" and "...c,cd->...d" in op_name:
-            return "conv-input materialisation (resnet._materialise)"
+            return "conv-input materialisation (materialise_conv_inputs)"
         if "jvp(" not in op_name:
             return "optimizer, metrics, loss weights, RNG"
         return "BN / ReLU / gates / losses (" + ("backward" if backward else "forward") + ")"
@@ -280,17 +279,17 @@ def _fmt_spread(values: list[float]) -> str:
 def setup_process(xla_flags: str) -> dict[str, str]:
     """The process set-up of `fgc_jax.main`, before JAX starts; returns the comparator's environment.
 
-    Restarts the process once with the config's `host_malloc_tunables` and sets XLA_FLAGS.
-    The PyTorch comparator runs in the environment the process was started with, as a
-    PyTorch user would run it.
+    Restarts the process as `fgc_jax.main` does (`cpu_workarounds.restart_for_cpu`) and sets
+    XLA_FLAGS. The PyTorch comparator runs in the environment the process was started with,
+    as a PyTorch user would run it.
     """
     if "jax" in sys.modules:
         print("warning: JAX was imported before the benchmark set XLA_FLAGS", file=sys.stderr)
     sys.path.insert(0, str(REPO))
-    from configs import resnet20_cifar
-    from fgc_jax import host_memory  # imports JAX but starts no backend, which reads XLA_FLAGS
+    # These import JAX but start no backend, which reads XLA_FLAGS.
+    from fgc_jax import cpu_workarounds, host_memory
 
-    host_memory.reexec_with(resnet20_cifar.get_config().host_malloc_tunables)
+    cpu_workarounds.restart_for_cpu()
     torch_env = host_memory.environ_before_restart()
     _set_xla_flags(xla_flags)
     return torch_env

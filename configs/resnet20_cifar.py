@@ -33,18 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
     # 'highest' = float32 on every backend, as the reference; 'default' lets XLA use TF32
     # (NVIDIA Ampere+) or bfloat16 passes (TPU): faster, but beyond the reference's float32 error.
     config.matmul_precision = "highest"
-    # XLA options for the train/eval steps on CPU only (ignored on GPU/TPU; see
-    # fgc_jax/compilation.py); '' keeps XLA's default. Opt-in speed-up, off by default because
-    # it moves float32 results beyond the reference's own float32 error (README, "Numerical
-    # fidelity"): LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT keeps YNNPACK for dot products only, whose
-    # convolution weight gradients are slow here, but leaves reductions (BatchNorm) to
-    # XLA's less accurate float32 loops.
-    config.cpu_compiler_options = ml_collections.ConfigDict({"xla_cpu_experimental_ynn_fusion_type": ""})
-    # glibc malloc settings (GLIBC_TUNABLES) for `fgc_jax.main`, which restarts itself once
-    # with them. hugetlb=1: transparent huge pages for large allocations, so XLA:CPU's
-    # per-step temporary buffers do not page-fault in 4 KiB at a time on every step
-    # (fgc_jax/host_memory.py). Settings already in the environment win; '' = glibc's defaults.
-    config.host_malloc_tunables = "glibc.malloc.hugetlb=1"
 
     # Optimisation (FGC_SPEC §3).
     config.batch_size = 256  # global training batch, split over all devices

@@ -14,17 +14,19 @@ What another Flax project needs to gate its own blocks and train the gates with 
 - Cost accounting: `cost_model`, `dynamic_macs`.
 
 Training, evaluation and checkpoint import live in `fgc_jax.train`, `fgc_jax.evaluate`
-and `fgc_jax.torch_import`.
+and `fgc_jax.torch_import`; importing the package loads none of them.
 """
+__version__ = "0.1.0"
+
 from fgc_jax.batch_norm import BatchNorm
-from fgc_jax.flops import cost_model, dynamic_macs
 from fgc_jax.gates import ChannelGate, GateOutput, deterministic_gate, straight_through_gumbel_sigmoid
 from fgc_jax.losses import batch_shaping_loss, fgc_contrastive_loss, l0_loss
+from fgc_jax.macs import cost_model, dynamic_macs
 from fgc_jax.memory_bank import init_bank, nearest_neighbours, update_bank
 from fgc_jax.models import GatedBasicBlock, GatedResNet, cifar_resnet, imagenet_resnet
 
 __all__ = [
-    "BatchNorm", "ChannelGate", "GateOutput", "GatedBasicBlock", "GatedResNet", "batch_shaping_loss", "cifar_resnet",
-    "cost_model", "deterministic_gate", "dynamic_macs", "fgc_contrastive_loss", "imagenet_resnet",
+    "__version__", "BatchNorm", "ChannelGate", "GateOutput", "GatedBasicBlock", "GatedResNet",
+    "batch_shaping_loss", "cifar_resnet", "cost_model", "deterministic_gate", "dynamic_macs", "fgc_contrastive_loss", "imagenet_resnet",
     "init_bank", "l0_loss", "nearest_neighbours", "straight_through_gumbel_sigmoid", "update_bank",
 ]

@@ -1,4 +1,4 @@
-"""Shared command-line behaviour of `fgc_jax.main`, `evaluate`, `flops` and `compare`.
+"""Shared command-line behaviour of `fgc_jax.main`, `evaluate`, `cost` and `compare`.
 
 A user error (bad flag, config field or file, unusable checkpoint, busy workdir, bad data)
 prints one `error: ...` line and exits with status 2; a run that fails for another reason it

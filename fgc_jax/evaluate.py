@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from fgc_jax import alignment, checkpointing, cli, compilation, flops, input_pipeline
+from fgc_jax import alignment, checkpointing, cli, compilation, input_pipeline, macs
 
 AXIS = "data"
 ALIGNMENT_KS = (5, 10, 50)
@@ -66,7 +66,7 @@ def resolve_blocks(blocks: Sequence[int], num_blocks: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_step(model, mesh: jax.sharding.Mesh, collect: bool, compiler_options: tuple = ()):
+def _eval_step(model, mesh: jax.sharding.Mesh, collect: bool):
     """A jitted eval forward pass returning per-example outputs, replicated on every device."""
     replicated = NamedSharding(mesh, P())
 
@@ -89,11 +89,11 @@ def _eval_step(model, mesh: jax.sharding.Mesh, collect: bool, compiler_options: 
             out["gate"] = tuple(o.gate > 0.5 for o in gate_outputs)
         return out
 
-    return jax.jit(step, out_shardings=replicated, compiler_options=dict(compiler_options) or None)
+    return jax.jit(step, out_shardings=replicated)
 
 
 def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.ConfigDict,
-                   mesh: jax.sharding.Mesh, cost: flops.CostModel, *, collect: bool = False
+                   mesh: jax.sharding.Mesh, cost: macs.CostModel, *, collect: bool = False
                    ) -> dict[str, Any]:
     """Evaluates `model` (eval mode) with `variables` on the test split of `config.dataset`.
 
@@ -109,8 +109,7 @@ def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.C
     [N, blocks], and per gated block lists feature, log_alpha (float32) and gate (bool).
     """
     start = time.perf_counter()
-    options = tuple(sorted((compilation.compiler_options(config) or {}).items()))
-    step = _eval_step(model, mesh, collect, options)
+    step = _eval_step(model, mesh, collect)
     variables = jax.device_put({"params": variables["params"],
                                 "batch_stats": variables.get("batch_stats", {})},
                                NamedSharding(mesh, P()))
@@ -141,7 +140,7 @@ def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.C
     if density.shape[1] != cost.num_blocks:
         raise ValueError(f"the model has {density.shape[1]} gated blocks but the cost model "
                          f"{cost.num_blocks}; build both from the same model")
-    macs = flops.macs_from_density(cost, density) if cost.num_blocks else np.full(num, float(cost.dense_macs))
+    macs = macs.macs_from_density(cost, density) if cost.num_blocks else np.full(num, float(cost.dense_macs))
     mean_macs = float(np.mean(macs))
     channels = np.array([layer.out_shape[-1] for layer in cost.layers if layer.kind == "conv1"
                          and layer.block is not None], np.float64)
@@ -154,7 +153,7 @@ def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.C
         "gate_macs": int(cost.gate_macs),
         "head_macs": int(cost.head_macs),
         "total_macs": mean_macs + cost.head_macs,
-        "pruning_ratio": flops.pruning_ratio(cost, mean_macs),
+        "pruning_ratio": macs.pruning_ratio(cost, mean_macs),
         "gate_density": float(density.mean(0) @ channels / channels.sum()) if cost.num_blocks else 1.0,
         "block_density": [float(d) for d in density.mean(axis=0)],
         "macs_percentiles": macs_percentiles(macs),
@@ -224,7 +223,7 @@ def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any
                    workdir: str = "", step: int | None = None, torch_checkpoint: str = ""
                    ) -> tuple[dict[str, Any], str]:
     """Variables from our checkpoint (`workdir`, `step`) or a PyTorch `.pth`; returns (variables, source)."""
-    expected = flops.model_name(config)
+    expected = macs.model_name(config)
     if torch_checkpoint:
         from fgc_jax import torch_import  # pylint: disable=import-outside-toplevel
 
@@ -288,12 +287,12 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
     if (tuple(info.image_shape), info.num_classes) != (tuple(image_shape), num_classes):
         raise EvaluationError(f"the data gives {info.image_shape} images of {info.num_classes} classes, "
                               f"the model expects {image_shape} and {num_classes}")
-    cost = flops.cost_model(model, image_shape)
+    cost = macs.cost_model(model, image_shape)
     mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
     if config.eval_batch_size % jax.device_count():
         raise EvaluationError(f"config.eval_batch_size={config.eval_batch_size} is not a multiple of "
                               f"the {jax.device_count()} devices")
-    logging.info("Evaluating %s from %s on %d %s test examples", flops.model_name(config), source,
+    logging.info("Evaluating %s from %s on %d %s test examples", macs.model_name(config), source,
                  info.num_test, config.dataset)
     report = evaluate_model(model, variables, config, mesh, cost, collect=True)
     per = report.pop("per_example")
@@ -309,7 +308,7 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
             ALIGNMENT_KS, fgc_blocks)
         pictures.append(plots.block_density(
             report["block_density"], os.path.join(output_dir, "block_density.png"), fgc_blocks,
-            f"{flops.model_name(config)}: gate density per block"))
+            f"{macs.model_name(config)}: gate density per block"))
         for b in fgc_blocks:
             pictures.append(plots.class_channel_heatmap(
                 per["gate"][b], per["label"], info.num_classes,
@@ -317,8 +316,8 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
                 f"block {b} (FGC): mean gate per class and channel"))
     pictures.append(plots.macs_histogram(per["macs"], cost.dense_macs,
                                          os.path.join(output_dir, "macs_histogram.png"),
-                                         f"{flops.model_name(config)}: per-example MACs"))
-    report.update({"model": flops.model_name(config), "source": source, "fgc_blocks": fgc_blocks,
+                                         f"{macs.model_name(config)}: per-example MACs"))
+    report.update({"model": macs.model_name(config), "source": source, "fgc_blocks": fgc_blocks,
                    "cost": cost.summary(), "pictures": [os.path.basename(p) for p in pictures]})
     if jax.process_index() == 0:
         with open(os.path.join(output_dir, REPORT_NAME), "w", encoding="utf-8") as f:

@@ -36,16 +36,6 @@ def merge(wanted: str, current: str) -> str:
     return ":".join(_items(current) + missing)
 
 
-def validate(tunables: str) -> None:
-    """Raises ValueError unless `tunables` is '' or colon-separated `glibc.<name>=<value>` items."""
-    for item in _items(tunables):
-        name, eq, value = item.partition("=")
-        if not (name.startswith("glibc.") and eq and value):
-            raise ValueError(f"config.host_malloc_tunables: {item!r} is not a 'glibc.<name>=<value>' "
-                             f"item (items are joined by ':', e.g. 'glibc.malloc.hugetlb=1'; '' leaves "
-                             f"malloc as it is).")
-
-
 def reexec_with(wanted: str, *, environ: Mapping[str, str] | None = None,
                 argv: Sequence[str] | None = None,
                 execve: Callable[[str, Sequence[str], Mapping[str, str]], None] = os.execve) -> None:
@@ -56,7 +46,6 @@ def reexec_with(wanted: str, *, environ: Mapping[str, str] | None = None,
     without doing anything when `wanted` is empty, the C library is not glibc, or the
     environment already sets every name in `wanted`, so the re-executed process goes on.
     """
-    validate(wanted)
     environ = os.environ if environ is None else environ
     current = environ.get(ENV_VAR, "")
     tunables = merge(wanted, current)

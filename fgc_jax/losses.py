@@ -116,7 +116,8 @@ _batch_shaping.defvjp(_batch_shaping_fwd, _batch_shaping_bwd)
 def fgc_contrastive_loss(log_alpha: Array, feature: Array, index: Array, feature_bank: Array,
                          gate_bank: Array, *, k: int, temperature: float, use_neighbours: bool,
                          num_valid_rows: int | None = None, axis_name: str | None = None,
-                         knn_method: str = "exact", mask: Array | None = None) -> Array:
+                         knn_method: str = "exact", knn_routing: str = "all_to_all",
+                         mask: Array | None = None) -> Array:
     """FGC neighbourhood-contrastive gate loss of one block (spec §2), over the global batch.
 
     Positives of example b are its own bank row plus, when `use_neighbours`, the k rows of
@@ -126,6 +127,7 @@ def fgc_contrastive_loss(log_alpha: Array, feature: Array, index: Array, feature
     `memory_bank.update_bank`). With `axis_name`, call inside `shard_map`: inputs are the
     local batch and the local bank shards; every device returns the same global loss.
     `mask` [local batch] marks the real examples of a padded batch: the mean is over them.
+    `knn_method` / `knn_routing`: `method` / `routing` of `memory_bank.nearest_neighbours`.
     """
     if feature_bank.shape[0] != gate_bank.shape[0]:
         raise ValueError(f"feature_bank {feature_bank.shape} and gate_bank {gate_bank.shape} must have "
@@ -134,7 +136,8 @@ def fgc_contrastive_loss(log_alpha: Array, feature: Array, index: Array, feature
     if use_neighbours:
         neighbours = memory_bank.nearest_neighbours(
             jax.lax.stop_gradient(feature), index, feature_bank, k=k,
-            num_valid_rows=num_valid_rows, axis_name=axis_name, method=knn_method)
+            num_valid_rows=num_valid_rows, axis_name=axis_name, method=knn_method,
+            routing=knn_routing)
     log_prob = memory_bank.positive_log_prob(log_alpha, index, neighbours, gate_bank,
                                              temperature=temperature,
                                              num_valid_rows=num_valid_rows, axis_name=axis_name)

@@ -13,7 +13,7 @@ _PREEMPTION = PreemptionFlag()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fgc_jax import cli, distributed, host_memory, train  # noqa: E402
+from fgc_jax import cli, cpu_workarounds, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -41,7 +41,7 @@ def main(argv):
     if _PREEMPTION.raised_here():  # before the restart below, which would forget the signal
         logging.warning("SIGTERM before the run started: nothing to do")
         return
-    host_memory.reexec_with(FLAGS.config.host_malloc_tunables)
+    cpu_workarounds.restart_for_cpu()  # on CPU hosts only; see fgc_jax/cpu_workarounds.py
     logging.get_absl_handler().addFilter(_quiet_libraries)
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.distributed_timeout, FLAGS.cpu_collectives)

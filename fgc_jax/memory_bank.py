@@ -24,6 +24,7 @@ Array = jax.Array
 
 SELF_SIMILARITY = -2.0  # the reference excludes an example's own row by setting its similarity to -2
 KNN_METHODS = ("exact", "approx")
+KNN_ROUTINGS = ("all_to_all", "all_gather")
 
 
 def padded_num_rows(num_rows: int, num_shards: int) -> int:
@@ -81,12 +82,14 @@ def _check_rows(name: str, values: Array, index: Array, bank_shard: Array) -> No
                          f"[{index.shape[0]}, {bank_shard.shape[-1]}] (index {index.shape})")
 
 
-def _validate(k: int, num_valid_rows: int, method: str) -> None:
+def _validate(k: int, num_valid_rows: int, method: str, routing: str) -> None:
     if not 0 < k < num_valid_rows:
         raise ValueError(f"k={k} must satisfy 0 < k < bank size ({num_valid_rows}): an example "
                          "cannot have more neighbours than there are other rows")
     if method not in KNN_METHODS:
         raise ValueError(f"knn method {method!r} is unknown; choose one of {KNN_METHODS}")
+    if routing not in KNN_ROUTINGS:
+        raise ValueError(f"knn routing {routing!r} is unknown; choose one of {KNN_ROUTINGS}")
 
 
 def _to_owner(x: Array, axis_name: str, *, via_all_gather: bool) -> Array:
@@ -106,16 +109,20 @@ def _to_owner(x: Array, axis_name: str, *, via_all_gather: bool) -> Array:
 
 def nearest_neighbours(features: Array, index: Array, feature_bank_shard: Array, *, k: int,
                        num_valid_rows: int | None = None, axis_name: str | None = None,
-                       method: str = "exact") -> Array:
+                       method: str = "exact", routing: str = "all_to_all") -> Array:
     """Global row numbers `[global_batch, k]` of each example's k most similar bank rows.
 
     Similarity is the raw dot product `f @ F^T` (spec §2.1); each example's own row
     (`index`) scores -2 and padding rows -inf. `features`/`index` are the local batch;
     the answer covers the global batch, in device order. `method='approx'` uses
-    `lax.approx_max_k`, which is fast on TPU only.
+    `lax.approx_max_k`, which is fast on TPU only. `routing` moves each shard's candidates
+    to the example's device: 'all_to_all', or 'all_gather' (`shards` times the traffic; on
+    XLA:CPU an all_to_all consumer makes XLA replace the shard's top_k kernel by a full sort,
+    measured up to 26x slower, so the trainer picks it there: `fgc_jax/cpu_workarounds.py`).
+    Same answer either way.
     """
     num_valid_rows = _valid_rows(num_valid_rows, feature_bank_shard, axis_name)
-    _validate(k, num_valid_rows, method)
+    _validate(k, num_valid_rows, method, routing)
     _check_rows("features", features, index, feature_bank_shard)
     queries, index = gather_batch(features, axis_name), gather_batch(index, axis_name)
     rows = _shard_rows(feature_bank_shard, axis_name)
@@ -137,9 +144,7 @@ def nearest_neighbours(features: Array, index: Array, feature_bank_shard: Array,
 
     # Route each example's candidates to the device that holds the example, merge there
     # (shard order keeps ties on the lower row), then share the merged lists.
-    # On XLA:CPU an all_to_all consumer makes XLA replace the shard's top_k kernel by a full
-    # sort of its scores (measured ~100x slower at 100k rows per shard): gather there instead.
-    route = functools.partial(_to_owner, axis_name=axis_name, via_all_gather=jax.default_backend() == "cpu")
+    route = functools.partial(_to_owner, axis_name=axis_name, via_all_gather=routing == "all_gather")
     values, candidates = route(values), route(candidates)
     best_values, best = lax.top_k(values, k)
     del best_values

@@ -25,8 +25,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fgc_jax import (checkpointing, compilation, config_check, evaluate, flops, input_pipeline, losses,
-                     memory_bank, schedules, torch_import, workdir_lock)
+from fgc_jax import (checkpointing, compilation, config_check, cpu_workarounds, evaluate, input_pipeline,
+                     losses, macs, memory_bank, schedules, torch_import, workdir_lock)
 from fgc_jax.metric_writers import MetricWriter
 from fgc_jax.models import create_model
 from fgc_jax.preemption import PreemptionFlag
@@ -106,7 +106,8 @@ class Trainer:
         self.config, self.info, self.mesh = config, info, mesh
         self.steps_per_epoch = steps_per_epoch
         self.model = create_model(config.model, info.num_classes, compute_dtype=config.compute_dtype,
-                                  data_axis_name=AXIS, sync_batch_norm=config.sync_batch_norm)
+                                  data_axis_name=AXIS, sync_batch_norm=config.sync_batch_norm,
+                                  **cpu_workarounds.model_options(mesh))
         self.eval_model = self.model.clone(data_axis_name=None)  # runs outside shard_map
         self.tx = create_optimizer(config)
         self.num_blocks = sum(self.model.stage_sizes) if config.model.gated else 0
@@ -183,8 +184,7 @@ class Trainer:
         if phase not in self._steps:
             self._steps[phase] = jax.jit(functools.partial(self._train_step, phase=phase),
                                          in_shardings=(self.shardings, self.batch_sharding),
-                                         out_shardings=(self.shardings, None), donate_argnums=0,
-                                         compiler_options=compilation.compiler_options(self.config))
+                                         out_shardings=(self.shardings, None), donate_argnums=0)
         with compilation.matmul_precision(self.config):
             return self._steps[phase](state, batch)
 
@@ -236,7 +236,7 @@ class Trainer:
                 g.log_alpha, g.feature, index, bank["feature"], bank["gate"], k=fgc.k,
                 temperature=fgc.temperature, use_neighbours=phase == Phase.FGC_NEIGHBOURS,
                 num_valid_rows=self.info.num_train, axis_name=AXIS, knn_method=fgc.knn_method,
-                mask=mask)
+                knn_routing=cpu_workarounds.knn_routing(self.mesh), mask=mask)
             # Padding carries index -1, which no shard holds: its rows are not updated.
             update = functools.partial(memory_bank.update_bank, index=index, momentum=fgc.momentum,
                                        axis_name=AXIS)
@@ -372,7 +372,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
     trainer = Trainer(config, info, mesh, steps_per_epoch)
     total_steps = config.num_epochs * steps_per_epoch
     eval_model = trainer.eval_model
-    cost = flops.cost_model(eval_model, info.image_shape)
+    cost = macs.cost_model(eval_model, info.image_shape)
 
     manager = checkpointing.create_manager(workdir, config)
     try:

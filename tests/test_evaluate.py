@@ -17,7 +17,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import pytest
 
 from configs import resnet20_cifar
-from fgc_jax import checkpointing, evaluate, flops
+from fgc_jax import checkpointing, evaluate, macs
 from fgc_jax.models import create_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_evaluate_model_matches_numpy(tiny_setup):
     config, model, variables, labels, logits, gates = tiny_setup
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     assert jax.device_count() == 8
-    cost = flops.cost_model(model, (32, 32, 3))
+    cost = macs.cost_model(model, (32, 32, 3))
     report = evaluate.evaluate_model(model, variables, config, mesh, cost, collect=True)
 
     density = np.stack([g.astype(np.float64).mean(1) for g in gates], 1)  # [100, 3]

@@ -199,12 +199,13 @@ def bank_problem(num_valid_rows, dim=16, batch=16, seed=0):
     return a, f, idx, feature_bank, gate_bank
 
 
+@pytest.mark.parametrize("routing", memory_bank.KNN_ROUTINGS)
 @pytest.mark.parametrize("num_valid_rows,k", [(64, 5), (61, 5), (61, 60)])
-def test_sharded_neighbours_equal_single_device(mesh, num_valid_rows, k):
+def test_sharded_neighbours_equal_single_device(mesh, num_valid_rows, k, routing):
     _, f, idx, bank, _ = bank_problem(num_valid_rows)
     fn = jax.jit(jax.shard_map(
         lambda f, i, b: memory_bank.nearest_neighbours(f, i, b, k=k, num_valid_rows=num_valid_rows,
-                                                       axis_name="data"),
+                                                       axis_name="data", routing=routing),
         mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data")))
     expected = neighbours_numpy(f, idx, bank, k, num_valid_rows)
     np.testing.assert_array_equal(
@@ -213,11 +214,13 @@ def test_sharded_neighbours_equal_single_device(mesh, num_valid_rows, k):
         np.testing.assert_array_equal(copy, expected)
 
 
-def test_sharded_neighbours_break_ties_like_single_device(mesh):
+@pytest.mark.parametrize("routing", memory_bank.KNN_ROUTINGS)
+def test_sharded_neighbours_break_ties_like_single_device(mesh, routing):
     # Duplicated rows on different shards (8 rows per shard): the lower row must win.
     f, idx, bank = integer_problem(seed=2, n_rows=64, dim=4, batch=16)
     bank[[13, 29, 50]] = bank[2]
-    fn = jax.jit(jax.shard_map(lambda f, i, b: memory_bank.nearest_neighbours(f, i, b, k=7, axis_name="data"),
+    fn = jax.jit(jax.shard_map(lambda f, i, b: memory_bank.nearest_neighbours(f, i, b, k=7, axis_name="data",
+                                                                              routing=routing),
                                mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data")))
     expected = neighbours_numpy(f, idx, bank, 7)
     for copy in per_device_copies(fn(*put(mesh, f, idx, bank))):

@@ -131,12 +131,3 @@ def test_weights_follow_the_spec_schedule():
     lr = schedules.learning_rate(config, steps_per_epoch=10)
     np.testing.assert_allclose([lr(2999), lr(3000), lr(3750), lr(4500)], [0.1, 0.01, 0.001, 0.0001],
                                rtol=1e-6)
-
-
-@pytest.mark.needs_cpu
-def test_cpu_compiler_options_reach_the_train_step():
-    # An option value XLA rejects proves the config's options are passed to the compiled step.
-    config = tiny_config()
-    config.cpu_compiler_options = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
-    with pytest.raises(Exception, match="xla_cpu_experimental_ynn_fusion_type"):
-        run_steps(config, 1, [Phase.BAS])

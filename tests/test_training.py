@@ -160,7 +160,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     assert "Stopped for preemption" in stderr
-    # main.py restarted itself with config.host_malloc_tunables first; the signal reached the
+    # On CPU main.py restarted itself with cpu_workarounds.MALLOC_TUNABLES first; the signal reached the
     # restarted process because it kept the pid.
     if platform.libc_ver()[0] == "glibc":
         assert "Restarting the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in stderr

@@ -38,7 +38,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
 
 @jax.custom_vjp
 def _materialise(x: Array) -> Array:
-    """Identity (exact for finite values) that XLA:CPU computes into a buffer of its own.
+    """Identity (exact for finite values) that XLA computes into a buffer of its own.
 
     `x @ I` over the channels: a dot is never fused into its consumers, so the backward
     pass reads `x` from memory instead of recomputing it. Without it, XLA:CPU fuses the
@@ -55,12 +55,6 @@ def _materialise(x: Array) -> Array:
 _materialise.defvjp(lambda x: (_materialise(x), None), lambda _, g: (g,))
 
 
-def _needs_materialising(x: Array, train: bool) -> bool:
-    # bfloat16 compute does not need it: XLA:CPU does not duplicate the f32 -> bf16 converts
-    # that end such chains. Other backends fuse these transposes well.
-    return train and x.dtype == jnp.float32 and jax.default_backend() == "cpu"
-
-
 class GatedBasicBlock(nn.Module):
     """ResNet BasicBlock whose first conv's output channels are switched by a `ChannelGate`.
 
@@ -68,6 +62,9 @@ class GatedBasicBlock(nn.Module):
     used only when the shape changes. With `gated=False` it is the plain BasicBlock.
     data_axis_name: the batch's mesh axis when run inside `shard_map` (gate noise is drawn
     for the global batch; with `sync_batch_norm`, BN statistics are global too).
+    materialise_conv_inputs: in float32 training, compute each convolution's input into a
+    buffer of its own (an exact identity; a speed-up on XLA:CPU only, where the trainer turns
+    it on: `fgc_jax/cpu_workarounds.py`). Results are the same either way.
     Returns `(output, GateOutput or None)`.
     """
 
@@ -80,12 +77,15 @@ class GatedBasicBlock(nn.Module):
     data_axis_name: str | None = None
     sync_batch_norm: bool = True
     dtype: Any = jnp.float32
+    materialise_conv_inputs: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Array | None = None
                  ) -> tuple[Array, GateOutput | None]:
         """`mask` [batch] marks the real examples of a padded batch (BatchNorm statistics)."""
-        materialise = _needs_materialising(x, train)  # conv inputs get buffers of their own
+        # bfloat16 compute does not need it: XLA:CPU does not duplicate the f32 -> bf16
+        # converts that end such chains.
+        materialise = self.materialise_conv_inputs and train and x.dtype == jnp.float32
         if materialise:
             x = _materialise(x)
         bn_axis = self.data_axis_name if self.sync_batch_norm else None
@@ -118,7 +118,7 @@ class GatedResNet(nn.Module):
     """A ResNet of gated BasicBlocks; see `cifar_resnet` and `imagenet_resnet` for the presets.
 
     stem: 'cifar' (3x3 conv, stride 1) or 'imagenet' (7x7 conv stride 2 + 3x3 max-pool).
-    data_axis_name / sync_batch_norm: as in `GatedBasicBlock`.
+    data_axis_name / sync_batch_norm / materialise_conv_inputs: as in `GatedBasicBlock`.
     """
 
     stage_sizes: Sequence[int]
@@ -132,6 +132,7 @@ class GatedResNet(nn.Module):
     data_axis_name: str | None = None
     sync_batch_norm: bool = True
     dtype: Any = jnp.float32
+    materialise_conv_inputs: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Array | None = None
@@ -155,10 +156,12 @@ class GatedResNet(nn.Module):
         for stage, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.stage_planes)):
             for j in range(num_blocks):
                 stride = 2 if stage > 0 and j == 0 else 1
-                x, info = GatedBasicBlock(planes, stride, self.shortcut, self.gated,
-                                          self.gate_hidden, self.tau, self.data_axis_name,
-                                          self.sync_batch_norm, self.dtype,
-                                          name=f"layer{stage + 1}_{j}")(x, train, mask)
+                x, info = GatedBasicBlock(
+                    planes=planes, stride=stride, shortcut=self.shortcut, gated=self.gated,
+                    gate_hidden=self.gate_hidden, tau=self.tau, data_axis_name=self.data_axis_name,
+                    sync_batch_norm=self.sync_batch_norm, dtype=self.dtype,
+                    materialise_conv_inputs=self.materialise_conv_inputs,
+                    name=f"layer{stage + 1}_{j}")(x, train, mask)
                 if info is not None:
                     gate_outputs.append(info)
 

@@ -16,24 +16,24 @@ Spec §4: dense MACs = stem + every block conv (+ shortcut convs); the dynamic c
 one example is `dense - sum_b block_b + gates + sum_b d_b * block_b`, with `d_b` the
 fraction of block b's gates that are on; pruning ratio = `1 - mean MACs / dense MACs`.
 
-    python -m fgc_jax.flops --config=configs/resnet20_cifar.py [--json]
+The command-line table: `python -m fgc_jax.cost --config=configs/resnet20_cifar.py [--json]`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from absl import app, flags
 from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from fgc_jax.gates import ChannelGate
+
+if TYPE_CHECKING:  # configs are for the command line and the trainer; the library does not import them
+    import ml_collections
 
 COUNTED_KINDS = ("stem", "conv1", "conv2", "shortcut", "conv")  # in dense_macs
 
@@ -291,28 +291,3 @@ def format_table(cost: CostModel, title: str = "") -> str:
         f"gated blocks:     {cost.num_blocks}",
     ]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = flags.FLAGS.config
-    cost = cost_model_from_config(config)
-    if flags.FLAGS.json:
-        out = {"model": model_name(config), **cost.summary(),
-               "layers": [dataclasses.asdict(layer) for layer in cost.layers]}
-        print(json.dumps(out))
-    else:
-        print(format_table(cost, f"{model_name(config)}, input {'x'.join(map(str, cost.input_shape))}"))
-
-
-if __name__ == "__main__":
-    from ml_collections import config_flags
-
-    # Flags are defined only when run as a program, so importing this module defines none.
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-    flags.mark_flags_as_required(["config"])
-    from fgc_jax import cli
-
-    cli.run(main)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import resnet20_cifar
-from fgc_jax import flops, input_pipeline
+from fgc_jax import macs, input_pipeline
 from fgc_jax.models import cifar_resnet, imagenet_resnet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,12 +55,12 @@ def random_variables(model, shape, seed=0):
 
 @pytest.fixture(scope="module")
 def r20_cost():
-    return flops.cost_model(cifar_resnet(20, 10), (32, 32, 3))
+    return macs.cost_model(cifar_resnet(20, 10), (32, 32, 3))
 
 
 @pytest.mark.parametrize("depth", sorted(SPEC_TABLE))
 def test_spec_table(depth):
-    cost = flops.cost_model(cifar_resnet(depth, 10), (32, 32, 3))
+    cost = macs.cost_model(cifar_resnet(depth, 10), (32, 32, 3))
     dense, gates, head, backbone, gate_params = SPEC_TABLE[depth]
     assert cost.dense_macs == dense
     assert cost.gate_macs == gates
@@ -85,7 +85,7 @@ def test_resnet20_layers_by_hand(r20_cost):
 
 
 def test_imagenet_resnet18_counts_shortcuts():
-    cost = flops.cost_model(imagenet_resnet(18, 1000), (224, 224, 3))
+    cost = macs.cost_model(imagenet_resnet(18, 1000), (224, 224, 3))
     # stem 3*64*112*112*49; layer1 4 convs 64*64*56*56*9; layers 2-4 each: strided conv1
     # C*2C*(H/2)^2*9, three 2C*2C convs, 1x1 downsample C*2C*(H/2)^2 -> 411,041,792 each.
     stem = 3 * 64 * 112 * 112 * 49
@@ -99,11 +99,11 @@ def test_imagenet_resnet18_counts_shortcuts():
     assert len(shortcuts) == 3 and all(layer.block is None for layer in shortcuts)
     # Shortcuts stay dense: all gates off leaves stem + shortcuts + gate layers.
     off = [np.zeros((1, c)) for c in (64, 64, 128, 128, 256, 256, 512, 512)]
-    assert flops.dynamic_macs(cost, off)[0] == stem + 3 * 64 * 128 * 28 * 28 + cost.gate_macs
+    assert macs.dynamic_macs(cost, off)[0] == stem + 3 * 64 * 128 * 28 * 28 + cost.gate_macs
 
 
 def test_ungated_model_has_no_gates():
-    cost = flops.cost_model(cifar_resnet(20, 10, gated=False), (32, 32, 3))
+    cost = macs.cost_model(cifar_resnet(20, 10, gated=False), (32, 32, 3))
     assert (cost.dense_macs, cost.gate_macs, cost.gate_params, cost.num_blocks) == (R20_DENSE, 0, 0, 0)
     assert cost.params == 269_722
 
@@ -120,25 +120,25 @@ def _pattern(fractions, batch=1):
 
 
 def test_dynamic_macs_hand_patterns(r20_cost):
-    assert flops.dynamic_macs(r20_cost, _pattern([1] * 9))[0] == R20_DENSE + R20_GATES
-    assert flops.dynamic_macs(r20_cost, _pattern([0] * 9))[0] == STEM_MACS + R20_GATES == 452_352
+    assert macs.dynamic_macs(r20_cost, _pattern([1] * 9))[0] == R20_DENSE + R20_GATES
+    assert macs.dynamic_macs(r20_cost, _pattern([0] * 9))[0] == STEM_MACS + R20_GATES == 452_352
     half = STEM_MACS + R20_GATES + (R20_DENSE - STEM_MACS) // 2
     assert half == 20_506_368
-    assert flops.dynamic_macs(r20_cost, _pattern([0.5] * 9))[0] == half
+    assert macs.dynamic_macs(r20_cost, _pattern([0.5] * 9))[0] == half
     # Per example: ex 0 has 4 of block 0's 16 channels on; ex 1 has 8 of block 3's 32.
     gates = _pattern([0] * 9, batch=2)
     gates[0][0, :4] = 1
     gates[3][1, :8] = 1
     expected = [452_352 + FULL_BLOCK // 4, 452_352 + DOWN_BLOCK // 4]
     assert expected == [1_632_000, 1_337_088]
-    np.testing.assert_array_equal(flops.dynamic_macs(r20_cost, gates), expected)
-    ratio = flops.pruning_ratio(r20_cost, np.mean(expected))
+    np.testing.assert_array_equal(macs.dynamic_macs(r20_cost, gates), expected)
+    ratio = macs.pruning_ratio(r20_cost, np.mean(expected))
     assert ratio == pytest.approx(1 - 1_484_544 / R20_DENSE)
 
 
 def test_dynamic_macs_under_jit_on_model_gates():
     model = cifar_resnet(8, 10)  # one block a stage: 16->16, 16->32 (stride 2), 32->64 (stride 2)
-    cost = flops.cost_model(model, (32, 32, 3))
+    cost = macs.cost_model(model, (32, 32, 3))
     blocks = [FULL_BLOCK, DOWN_BLOCK, DOWN_BLOCK]
     gate_macs = (16 * 16 + 16 * 16) + (16 * 16 + 16 * 32) + (32 * 16 + 16 * 64)  # 2,816
     assert cost.dense_macs == STEM_MACS + sum(blocks) and cost.gate_macs == gate_macs
@@ -148,7 +148,7 @@ def test_dynamic_macs_under_jit_on_model_gates():
 
     @jax.jit
     def macs(gates):
-        return flops.dynamic_macs(cost, gates)
+        return macs.dynamic_macs(cost, gates)
 
     got = macs([o.gate for o in outs])
     assert got.shape == (6,)
@@ -159,13 +159,13 @@ def test_dynamic_macs_under_jit_on_model_gates():
 
 def test_dynamic_macs_jnp_hand_pattern(r20_cost):
     # The same hand patterns through jnp: float32 but exact for these values.
-    np.testing.assert_allclose(flops.dynamic_macs(r20_cost, [jnp.asarray(g) for g in _pattern([0.5] * 9)]),
+    np.testing.assert_allclose(macs.dynamic_macs(r20_cost, [jnp.asarray(g) for g in _pattern([0.5] * 9)]),
                                [20_506_368], rtol=1e-7)
 
 
 def test_dynamic_macs_rejects_wrong_block_count(r20_cost):
     with pytest.raises(ValueError, match="9 gated blocks"):
-        flops.dynamic_macs(r20_cost, _pattern([1] * 8))
+        macs.dynamic_macs(r20_cost, _pattern([1] * 8))
 
 
 def test_input_spec_needs_no_data():
@@ -180,8 +180,9 @@ def test_input_spec_needs_no_data():
 
 
 def test_cli_json_matches_spec():
-    out = subprocess.run([sys.executable, "-m", "fgc_jax.flops", "--config=configs/resnet20_cifar.py",
+    out = subprocess.run([sys.executable, "-m", "fgc_jax.cost", "--config=configs/resnet20_cifar.py",
                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    assert "RuntimeWarning" not in out.stderr, out.stderr  # the package does not import the module run
     report = json.loads(out.stdout)
     assert report["dense_macs"] == R20_DENSE
     assert report["gate_macs"] == R20_GATES

@@ -1,0 +1,87 @@
+"""A/B timing of the conv-input materialisation that the trainer turns on for CPU devices.
+
+    python benchmarks/cpu_workarounds.py --depths 20 56 --batch 128
+    GLIBC_TUNABLES= python benchmarks/cpu_workarounds.py ...          # malloc tunables: run
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/cpu_workarounds.py ...  # twice
+
+Times a float32 model-only train step (gated CIFAR ResNet forward + backward in train mode,
+cross-entropy, SGD) on one device of the current backend, with
+`materialise_conv_inputs` off and on, alternating repetitions in one process so that a
+noisy host loads both alike. This script does not restart itself: the malloc setting is
+whatever GLIBC_TUNABLES it is started with. See `fgc_jax/cpu_workarounds.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from fgc_jax import cifar_resnet  # noqa: E402
+
+
+def make_step(depth: int, batch: int, materialise: bool):
+    """A jitted model-only train step and its first state."""
+    model = cifar_resnet(depth, materialise_conv_inputs=materialise)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    variables = model.init({"params": jax.random.key(0), "gate": jax.random.key(1)}, images[:1], train=False)
+    tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+
+    def loss_fn(params, batch_stats, key):
+        (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                           rngs={"gate": key}, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates["batch_stats"]
+
+    @jax.jit
+    def step(state, key):
+        params, batch_stats, opt_state = state
+        (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state
+
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    return step, state
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
+    p.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each variant")
+    args = p.parse_args(argv)
+    print(f"backend {jax.default_backend()}, batch {args.batch}, float32, model-only train step; "
+          f"median (min-max) ms/step over {args.repeats} alternating repetitions of {args.steps} steps")
+    print("| model | materialise off | materialise on | on/off |")
+    print("|---|---|---|---|")
+    for depth in args.depths:
+        variants = {flag: list(make_step(depth, args.batch, flag)) for flag in (False, True)}
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for flag, (step, state) in variants.items():  # compile and warm up
+            variants[flag][1] = jax.block_until_ready(step(state, jax.random.key(0)))
+        for r in range(args.repeats):
+            for flag in (False, True) if r % 2 == 0 else (True, False):
+                step, state = variants[flag]
+                start = time.perf_counter()
+                for i in range(args.steps):
+                    state = step(state, jax.random.key(i))
+                variants[flag][1] = jax.block_until_ready(state)
+                times[flag].append(1000 * (time.perf_counter() - start) / args.steps)
+        off, on = (statistics.median(times[f]) for f in (False, True))
+        cell = {f: f"{statistics.median(times[f]):.0f} ({min(times[f]):.0f}-{max(times[f]):.0f})"
+                for f in (False, True)}
+        print(f"| ResNet-{depth} | {cell[False]} | {cell[True]} | {on / off:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
