@@ -81,4 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_fallback = True
     config.log_every_steps = 50
     config.eval_every_epochs = 5  # and at the end of the run
+    # (start, stop): write a jax.profiler trace of steps start+1..stop of the run to
+    # WORKDIR/profile/ (TensorBoard's profile plugin or Perfetto read it); () = no profile.
+    config.profile_steps = ()
     return config

@@ -99,6 +99,9 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_fallback": _BOOL,
     "log_every_steps": _int(1),
     "eval_every_epochs": _int(1),
+    "profile_steps": ((lambda v: isinstance(v, (tuple, list)) and (
+        len(v) == 0 or (len(v) == 2 and all(_is_int(s) for s in v) and 0 <= v[0] < v[1]))),
+                      "() or two integers (start, stop) with 0 <= start < stop"),
 }
 
 

@@ -13,7 +13,9 @@ _PREEMPTION = PreemptionFlag()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fgc_jax import cli, cpu_workarounds, distributed, train  # noqa: E402
+import jax  # noqa: E402
+
+from fgc_jax import cli, console, cpu_workarounds, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -30,11 +32,6 @@ flags.DEFINE_enum("cpu_collectives", "", ["", "gloo", "mpi"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_libraries(record) -> bool:
-    """Keeps orbax's per-save INFO chatter out of the run's log; its warnings still show."""
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -42,10 +39,11 @@ def main(argv):
         logging.warning("SIGTERM before the run started: nothing to do")
         return
     cpu_workarounds.restart_for_cpu()  # on CPU hosts only; see fgc_jax/cpu_workarounds.py
-    logging.get_absl_handler().addFilter(_quiet_libraries)
+    # Every process's start-up lines show; once the process index is known, INFO only on process 0.
+    console_filter = console.install(process_index=0)
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.distributed_timeout, FLAGS.cpu_collectives)
-    logging.info("Config:\n%s", FLAGS.config)
+    console_filter.process_index = jax.process_index()
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, preemption=_PREEMPTION)
 
 

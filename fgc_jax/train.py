@@ -8,6 +8,7 @@ transpose of the collectives yields exactly the single-device gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -25,8 +26,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fgc_jax import (checkpointing, compilation, config_check, cpu_workarounds, evaluate, input_pipeline,
-                     losses, macs, memory_bank, schedules, torch_import, workdir_lock)
+from fgc_jax import (checkpointing, compilation, config_check, console, cpu_workarounds, evaluate,
+                     input_pipeline, losses, macs, memory_bank, schedules, torch_import, workdir_lock)
 from fgc_jax.metric_writers import MetricWriter
 from fgc_jax.models import create_model
 from fgc_jax.preemption import PreemptionFlag
@@ -315,17 +316,23 @@ def _checkpoint_meta(config, step: int, steps_per_epoch: int) -> dict[str, Any]:
             "batch_size": config.batch_size, "seed": config.seed}
 
 
-def _flush_metrics(pending: list[dict[str, Array]], step: int, seconds: float, batch_size: int,
+def _flush_metrics(pending: list[dict[str, Array]], step: int, timed: tuple[int, float], batch_size: int,
                    writer: MetricWriter, last_checkpoint: int | None) -> dict[str, float]:
-    """Averages the steps' metrics since the last flush, writes them, stops on NaN/inf."""
+    """Averages the steps' metrics since the last flush, writes them, stops on NaN/inf.
+
+    `timed`: (steps, seconds) of training alone (`console.StepClock.lap`); images_per_second
+    and ms_per_step come from it and are left out when none of the steps was timed.
+    """
     host = jax.device_get(pending)
     means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     if not all(np.isfinite([m["loss"] for m in host])):
         raise FloatingPointError(
             f"non-finite loss at or before step {step} (loss {means['loss']}); training stopped. "
             f"{_keep_advice(last_checkpoint)}")
-    means["images_per_second"] = len(host) * batch_size / max(seconds, 1e-9)
-    means["ms_per_step"] = 1e3 * seconds / len(host)
+    steps, seconds = timed
+    if steps:
+        means["images_per_second"] = steps * batch_size / max(seconds, 1e-9)
+        means["ms_per_step"] = 1e3 * seconds / steps
     writer.write_scalars(step, means)
     pending.clear()
     return means
@@ -373,6 +380,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
     total_steps = config.num_epochs * steps_per_epoch
     eval_model = trainer.eval_model
     cost = macs.cost_model(eval_model, info.image_shape)
+    logging.info("%s", console.startup_summary(macs.model_name(config), info, mesh, config.batch_size,
+                                                steps_per_epoch, total_steps, cost))
 
     manager = checkpointing.create_manager(workdir, config)
     try:
@@ -406,12 +415,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
 def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainState, start_step: int,
           total_steps: int, last_checkpoint: int | None, cost, preemption: PreemptionFlag
           ) -> dict[str, Any]:
-    """The training loop from `start_step`; checkpoints, evaluations, metrics, preemption."""
+    """The training loop from `start_step`; checkpoints, evaluations, metrics, preemption, profile.
+
+    img/s and the ETA count training steps alone (`console.StepClock`): the first step of
+    each phase (it compiles), the step after a checkpoint (it overlaps the save),
+    evaluations and saves are not timed.
+    """
     mesh, steps_per_epoch = trainer.mesh, trainer.steps_per_epoch
     writer = MetricWriter(workdir, start_step)
     pending: list[dict[str, Array]] = []
     report: dict[str, Any] = {}
-    timer, t0, started = time.perf_counter(), time.perf_counter(), start_step
+    clock = console.StepClock()
+    compiled: set[Phase] = set()
+    saving = False  # a checkpoint's background save overlaps the next step
+    evaluated = False  # the first evaluation compiles the eval step
+    profile_start, profile_stop = tuple(config.profile_steps) or (-1, -1)
+    tracing = False
 
     def checkpoint(step: int, metrics: Mapping[str, float] | None = None) -> None:
         nonlocal last_checkpoint
@@ -423,6 +442,9 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
         last_checkpoint = step
 
     def run_eval(step: int, write: bool = True) -> tuple[dict[str, Any], dict[str, float]]:
+        nonlocal evaluated
+        if not evaluated:
+            logging.info("compiling the eval step ...")
         report = evaluate.evaluate_model(trainer.eval_model, {"params": state.params,
                                                               "batch_stats": state.batch_stats},
                                          config, mesh, cost)
@@ -430,8 +452,10 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
         scalars.update({f"block_density/{b}": d for b, d in enumerate(report["block_density"])})
         if write:
             writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
-        logging.info("step %d eval: top1 %.4f, mean MACs %.4g, pruning ratio %.3f", step,
-                     report["top1"], report["mean_macs"], report["pruning_ratio"])
+        logging.info("step %d eval: top1 %.4f, mean MACs %.4g, pruning ratio %.3f (%.1f s%s)", step,
+                     report["top1"], report["mean_macs"], report["pruning_ratio"], report["seconds"],
+                     "" if evaluated else ", with compiling")
+        evaluated = True
         return report, scalars
 
     failed = True  # an error on its way out must not be hidden by one from closing the writer
@@ -446,36 +470,62 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
         batches = loader.batches(start_step)
         for step in range(start_step, total_steps):
             epoch = step // steps_per_epoch
+            phase = schedules.phase(config, epoch)
             batch = input_pipeline.to_global(next(batches), mesh)
-            state, metrics = trainer.train_step(state, batch, schedules.phase(config, epoch))
-            checkpointing.check_saves(manager, wait=True)  # a failed save stops the run here
+            if step == profile_start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
+            timed = phase in compiled and not saving
+            if phase not in compiled:
+                logging.info("compiling the train step for phase %s ...", phase.value)
+            began = time.perf_counter()
+            with contextlib.nullcontext() if timed else clock.excluded():
+                state, metrics = trainer.train_step(state, batch, phase)
+                checkpointing.check_saves(manager, wait=True)  # a failed save stops the run here
+                if not timed:
+                    jax.block_until_ready(metrics)
+            if phase not in compiled:
+                logging.info("compiled and ran its first train step in %.1f s", time.perf_counter() - began)
+                compiled.add(phase)
+            if timed:
+                clock.count()
+            saving = False
             pending.append(metrics)
             done = step + 1
+            if tracing and done == profile_stop:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+                logging.info("wrote a profile of steps %d-%d to %s", profile_start + 1, profile_stop,
+                             os.path.join(workdir, "profile"))
             epoch_end = done % steps_per_epoch == 0
             stop = (preemption.raised() or manager.reached_preemption(done)) and done < total_steps
             wants_checkpoint = epoch_end or done % config.checkpoint_every_steps == 0 or stop
             if pending and (done % config.log_every_steps == 0 or wants_checkpoint):
-                now = time.perf_counter()
-                means = _flush_metrics(pending, done, now - timer, loader.local_batch_size
+                means = _flush_metrics(pending, done, clock.lap(), loader.local_batch_size
                                        * jax.process_count(), writer, last_checkpoint)
-                timer = now
-                eta = (now - t0) / max(done - started, 1) * (total_steps - done)
-                logging.info("step %d/%d (epoch %d) loss %.4f acc %.3f density %.3f lr %.4g "
-                             "%.1f img/s, ETA %s", done, total_steps, epoch, means["loss"],
+                speed = (f"{means['images_per_second']:.1f} img/s" if "images_per_second" in means
+                         else "img/s n/a")
+                logging.info("step %d/%d (epoch %d) loss %.4f acc %.3f density %.3f lr %.4g, "
+                             "%s, ETA %s", done, total_steps, epoch, means["loss"],
                              means["accuracy"], means.get("gate_density", 1.0),
-                             means["learning_rate"], means["images_per_second"],
-                             time.strftime("%H:%M:%S", time.gmtime(eta)))
+                             means["learning_rate"], speed, clock.eta(total_steps - done))
             eval_metrics = None
             if epoch_end and ((epoch + 1) % config.eval_every_epochs == 0 or done == total_steps):
-                report, eval_metrics = run_eval(done)
+                with clock.excluded():
+                    report, eval_metrics = run_eval(done)
             if wants_checkpoint:
-                checkpoint(done, eval_metrics)
+                with clock.excluded():
+                    checkpoint(done, eval_metrics)
+                saving = True
             if stop:
                 logging.warning("Stopped for preemption at step %d; rerun the same command to resume",
                                 done)
                 break
         failed = False
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         try:
             writer.close()
         except OSError:
