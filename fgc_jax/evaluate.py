@@ -48,10 +48,10 @@ class EvaluationError(RuntimeError):
 # ----------------------------------------------------------------------------
 
 
-def macs_percentiles(macs: np.ndarray, percentiles: Sequence[int] = (5, 50, 95)) -> dict[str, float]:
+def macs_percentiles(values: np.ndarray, percentiles: Sequence[int] = (5, 50, 95)) -> dict[str, float]:
     """{'p5', 'p50', 'p95'} of per-example MACs (NumPy's linear interpolation)."""
-    values = np.percentile(np.asarray(macs, np.float64), percentiles)
-    return {f"p{p}": float(v) for p, v in zip(percentiles, values)}
+    quantiles = np.percentile(np.asarray(values, np.float64), percentiles)
+    return {f"p{p}": float(v) for p, v in zip(percentiles, quantiles)}
 
 
 def resolve_blocks(blocks: Sequence[int], num_blocks: int) -> list[int]:
@@ -140,8 +140,9 @@ def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.C
     if density.shape[1] != cost.num_blocks:
         raise ValueError(f"the model has {density.shape[1]} gated blocks but the cost model "
                          f"{cost.num_blocks}; build both from the same model")
-    macs = macs.macs_from_density(cost, density) if cost.num_blocks else np.full(num, float(cost.dense_macs))
-    mean_macs = float(np.mean(macs))
+    example_macs = (macs.macs_from_density(cost, density) if cost.num_blocks
+                    else np.full(num, float(cost.dense_macs)))
+    mean_macs = float(np.mean(example_macs))
     channels = np.array([layer.out_shape[-1] for layer in cost.layers if layer.kind == "conv1"
                          and layer.block is not None], np.float64)
     report: dict[str, Any] = {
@@ -156,11 +157,11 @@ def evaluate_model(model, variables: Mapping[str, Any], config: ml_collections.C
         "pruning_ratio": macs.pruning_ratio(cost, mean_macs),
         "gate_density": float(density.mean(0) @ channels / channels.sum()) if cost.num_blocks else 1.0,
         "block_density": [float(d) for d in density.mean(axis=0)],
-        "macs_percentiles": macs_percentiles(macs),
+        "macs_percentiles": macs_percentiles(example_macs),
         "seconds": time.perf_counter() - start,
     }
     if collect:
-        per["macs"] = macs
+        per["macs"] = example_macs
         per["feature"], per["log_alpha"], per["gate"] = (list(per[k]) for k in ("feature", "log_alpha", "gate"))
         report["per_example"] = per
     return report

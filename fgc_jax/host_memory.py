@@ -51,7 +51,8 @@ def reexec_with(wanted: str, *, environ: Mapping[str, str] | None = None,
     tunables = merge(wanted, current)
     if tunables == current or platform.libc_ver()[0] != "glibc":
         return
-    logging.info("Restarting the process with %s=%s (see fgc_jax/host_memory.py).", ENV_VAR, tunables)
+    logging.info("Restarting the process with %s=%s (a CPU workaround: fgc_jax/cpu_workarounds.py).",
+                 ENV_VAR, tunables)
     sys.stdout.flush()
     sys.stderr.flush()
     execve(sys.executable, list(sys.orig_argv if argv is None else argv),

@@ -116,6 +116,10 @@ class Trainer:
         self.bank_rows = memory_bank.padded_num_rows(info.num_train, mesh.size)
         abstract = jax.eval_shape(self._init_state, jax.random.key_data(jax.random.key(0)))
         self.shardings = state_shardings(abstract, mesh)
+        # The state's shapes, dtypes and shardings: a checkpoint restores into it directly,
+        # without a state (banks included) built first only to be replaced.
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.shardings)
         self.batch_sharding = NamedSharding(mesh, P(AXIS))
         self._steps: dict[Phase, Callable] = {}
 
@@ -385,17 +389,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
 
     manager = checkpointing.create_manager(workdir, config)
     try:
-        state = trainer.create_state(config.seed)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                state, trainer.shardings)
-        resumed = checkpointing.restore_newest_good(manager, abstract, config, workdir)
+        resumed = checkpointing.restore_newest_good(manager, trainer.abstract_state, config, workdir)
         if resumed is not None:
             state, _, latest = resumed
             logging.info("Resumed from checkpoint %d in %s", latest, workdir)
-        elif config.init_from:
-            state = initialise_from(config.init_from, trainer, state)
-            logging.info("Initialised from %s; training starts at step %d (epoch %d)", config.init_from,
-                         int(state.step), int(state.step) // steps_per_epoch)
+        else:
+            state = trainer.create_state(config.seed)
+            if config.init_from:
+                state = initialise_from(config.init_from, trainer, state)
+                logging.info("Initialised from %s; training starts at step %d (epoch %d)",
+                             config.init_from, int(state.step), int(state.step) // steps_per_epoch)
         start_step = int(jax.device_get(state.step))
         if jax.process_index() == 0:  # only now: a rejected checkpoint leaves the old config.json
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

@@ -108,19 +108,19 @@ def test_evaluate_model_matches_numpy(tiny_setup):
     report = evaluate.evaluate_model(model, variables, config, mesh, cost, collect=True)
 
     density = np.stack([g.astype(np.float64).mean(1) for g in gates], 1)  # [100, 3]
-    macs = STEM + R8_GATES + density @ R8_BLOCKS
-    assert macs.std() > 0  # the gates really differ between examples
+    expected_macs = STEM + R8_GATES + density @ R8_BLOCKS
+    assert expected_macs.std() > 0  # the gates really differ between examples
     top5 = np.argsort(-logits, axis=1)[:, :5]
     assert report["num_examples"] == 100
     assert report["top1"] == np.mean(logits.argmax(1) == labels)
     assert report["top1"] >= 0.6
     assert report["top5"] == np.mean([labels[i] in top5[i] for i in range(100)])
     assert report["dense_macs"] == R8_DENSE
-    assert report["mean_macs"] == pytest.approx(macs.mean(), rel=1e-12)
-    assert report["total_macs"] == pytest.approx(macs.mean() + 640, rel=1e-12)
-    assert report["pruning_ratio"] == pytest.approx(1 - macs.mean() / R8_DENSE, rel=1e-12)
+    assert report["mean_macs"] == pytest.approx(expected_macs.mean(), rel=1e-12)
+    assert report["total_macs"] == pytest.approx(expected_macs.mean() + 640, rel=1e-12)
+    assert report["pruning_ratio"] == pytest.approx(1 - expected_macs.mean() / R8_DENSE, rel=1e-12)
     np.testing.assert_allclose(report["block_density"], density.mean(0), rtol=1e-12)
-    p = np.percentile(macs, [5, 50, 95])
+    p = np.percentile(expected_macs, [5, 50, 95])
     assert report["macs_percentiles"] == pytest.approx({"p5": p[0], "p50": p[1], "p95": p[2]})
     per = report["per_example"]
     np.testing.assert_array_equal(per["label"], labels)  # every example once, in order
@@ -245,7 +245,7 @@ def test_cli_released_checkpoint(bas_checkpoint, cifar_mini_dir, tmp_path):
     n = 96
     state_dict = torch.load(bas_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     logits, density = numpy_resnet20(state_dict, x[:n].astype(np.float64))
-    macs = STEM + R20_GATES + density @ R20_BLOCKS
+    expected_macs = STEM + R20_GATES + density @ R20_BLOCKS
     assert np.sum(logits.argmax(1) != per["prediction"][:n]) <= 1
-    assert np.sum(np.abs(macs - per["macs"][:n]) > 1) <= 1  # a gate at the threshold may flip
+    assert np.sum(np.abs(expected_macs - per["macs"][:n]) > 1) <= 1  # a gate at the threshold may flip
     assert np.mean(logits.argmax(1) == labels[:n]) > 0.7

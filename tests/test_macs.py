@@ -147,10 +147,10 @@ def test_dynamic_macs_under_jit_on_model_gates():
     _, outs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
 
     @jax.jit
-    def macs(gates):
+    def per_example_macs(gates):
         return macs.dynamic_macs(cost, gates)
 
-    got = macs([o.gate for o in outs])
+    got = per_example_macs([o.gate for o in outs])
     assert got.shape == (6,)
     density = np.stack([np.asarray(o.gate).mean(1) for o in outs], 1)  # [6, 3]
     expected = STEM_MACS + gate_macs + density @ np.array(blocks, np.float64)
