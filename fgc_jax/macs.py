@@ -24,7 +24,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from flax import traverse_util
+from flax import nnx, traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,12 +118,25 @@ def _macs_and_params(module: nn.Module, in_shape: tuple[int, ...], out_shape: tu
     return macs, c_in * c_out + (c_out if module.use_bias else 0), ()
 
 
-def cost_model(model: nn.Module, input_shape: Sequence[int]) -> CostModel:
+def _linen_module(model: nn.Module | nnx.Module) -> nn.Module:
+    """The Linen module to trace: `model` itself, or the module an `nnx.bridge.ToNNX` wraps."""
+    if isinstance(model, nnx.bridge.ToNNX):
+        return model.to_nnx__module
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"cost_model traces Linen modules; got {type(model).__name__}. Wrap the Linen model "
+                    "in flax.nnx.bridge.ToNNX inside your NNX model and pass that wrapper, or pass the "
+                    "Linen module itself.")
+
+
+def cost_model(model: nn.Module | nnx.Module, input_shape: Sequence[int]) -> CostModel:
     """Traces `model` (abstractly, nothing is computed) and counts its MACs and parameters.
 
-    `input_shape`: one example's HWC shape (a leading batch dimension is accepted and
-    ignored). `model(x, train=False)` must return `(logits, gate_outputs)`.
+    `model`: a Linen module, or an `nnx.bridge.ToNNX` wrapper of one (its Linen module is
+    counted). `input_shape`: one example's HWC shape (a leading batch dimension is accepted
+    and ignored). `model(x, train=False)` must return `(logits, gate_outputs)`.
     """
+    model = _linen_module(model)
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
         shape = (1, *shape)

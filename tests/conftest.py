@@ -2,8 +2,8 @@
 
 `JAX_PLATFORMS=cuda` (benchmarks/device_check.py) runs the tests on a GPU instead: there,
 float32 matmuls and convolutions run at 'highest' precision (the tests check the maths
-against NumPy, not TF32's rounding), and tests marked `needs_devices(n)` skip where fewer
-devices exist.
+against NumPy, not TF32's rounding), tests marked `needs_devices(n)` skip where fewer
+devices exist, and tests marked `needs_cpu` (of XLA:CPU's own figures) skip on other backends.
 """
 import os
 
@@ -27,12 +27,15 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_devices(n): skipped where JAX has fewer than n devices")
+    config.addinivalue_line("markers", "needs_cpu: tests of XLA:CPU's own figures, skipped on other backends")
 
 
 def pytest_runtest_setup(item):
     needs = item.get_closest_marker("needs_devices")
     if needs and jax.device_count() < needs.args[0]:
         pytest.skip(f"needs {needs.args[0]} devices, {jax.default_backend()} has {jax.device_count()}")
+    if item.get_closest_marker("needs_cpu") and jax.default_backend() != "cpu":
+        pytest.skip(f"tests XLA:CPU's figures; the backend is {jax.default_backend()}")
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 CIFAR_MINI = SHARED / "data" / "cifar10-mini" / "cifar-10-batches-bin"
