@@ -234,7 +234,7 @@ def train_run(data: str, depth: int, batch: int, steps: int, precision: str, out
     import numpy as np
 
     from configs import resnet20_cifar
-    from fgc_jax import evaluate, input_pipeline, macs, schedules
+    from fgc_jax import data_parallel, evaluation, input_pipeline, macs, schedules
     from fgc_jax.train import Trainer
 
     config = resnet20_cifar.get_config()
@@ -243,7 +243,7 @@ def train_run(data: str, depth: int, batch: int, steps: int, precision: str, out
     config.model.depth, config.batch_size, config.eval_batch_size = depth, batch, 256
     config.bas.epochs, config.fgc.warmup_epochs = 1, 0
     info = input_pipeline.dataset_info(config)
-    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    mesh = jax.make_mesh((1,), (data_parallel.AXIS,), devices=jax.devices()[:1])
     loader = input_pipeline.TrainLoader(config, global_batch_size=batch)
     trainer = Trainer(config, info, mesh, loader.steps_per_epoch)
     # The first half of the steps ends the BAS stage (epoch 0), the rest uses k-NN positives.
@@ -258,7 +258,7 @@ def train_run(data: str, depth: int, batch: int, steps: int, precision: str, out
         history.append(jax.device_get(metrics))
         phases.append(phase.value)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    report = evaluate.evaluate_model(trainer.eval_model, variables, config, mesh,
+    report = evaluation.evaluate_model(trainer.eval_model, variables, config, mesh,
                                      macs.cost_model(trainer.eval_model, info.image_shape), collect=True)
     params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
     np.savez(out, loss=np.array([float(h["loss"]) for h in history]), phases=np.array(phases), params=params,

@@ -112,7 +112,7 @@ class JaxStep:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from fgc_jax import input_pipeline
+        from fgc_jax import data_parallel, input_pipeline
         from fgc_jax.schedules import Phase
         from fgc_jax.train import Trainer
 
@@ -120,7 +120,7 @@ class JaxStep:
         info = input_pipeline.DatasetInfo(name="synthetic", num_train=args.bank, num_test=10000,
                                           num_classes=input_pipeline._SPECS[config.dataset].num_classes,
                                           image_shape=(size, size, 3))
-        mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+        mesh = jax.make_mesh((1,), (data_parallel.AXIS,), devices=jax.devices()[:1])
         steps_per_epoch = args.bank // batch
         self.trainer = Trainer(config, info, mesh, steps_per_epoch)
         self.phase = Phase.FGC_NEIGHBOURS
@@ -130,7 +130,7 @@ class JaxStep:
         self.state = state.replace(step=jax.device_put(np.int32(start), self.trainer.shardings.step))
 
         rng = np.random.default_rng(0)
-        sharding = NamedSharding(mesh, P("data"))
+        sharding = NamedSharding(mesh, P(data_parallel.AXIS))
         mean = np.asarray(input_pipeline.CIFAR10_MEAN, np.float32)
         std = np.asarray(input_pipeline.CIFAR10_STD, np.float32)
         self.batches = []

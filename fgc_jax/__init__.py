@@ -13,7 +13,7 @@ What another Flax project needs to gate its own blocks and train the gates with 
   row shard inside `jax.shard_map` when given `axis_name`).
 - Cost accounting: `cost_model`, `dynamic_macs`.
 
-Training, evaluation and checkpoint import live in `fgc_jax.train`, `fgc_jax.evaluate`
+Training, evaluation and checkpoint import live in `fgc_jax.train`, `fgc_jax.evaluation`
 and `fgc_jax.torch_import`; importing the package loads none of them.
 """
 __version__ = "0.1.0"

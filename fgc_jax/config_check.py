@@ -15,7 +15,7 @@ from typing import Any, Callable
 import ml_collections
 
 from fgc_jax import compilation, input_pipeline, memory_bank
-from fgc_jax.models import create_model
+from fgc_jax.models import COMPUTE_DTYPES, create_model, resolve_blocks
 
 
 class ConfigError(ValueError):
@@ -65,7 +65,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.gated": _BOOL,
     "model.gate_hidden": _int(1),
     "model.tau": _number(0, open_low=True),
-    "compute_dtype": _choice("float32", "bfloat16"),
+    "compute_dtype": _choice(*COMPUTE_DTYPES),
     "sync_batch_norm": _BOOL,
     "matmul_precision": _choice(*compilation.MATMUL_PRECISIONS),
     "batch_size": _int(1),
@@ -91,7 +91,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fgc.temperature": _number(0, open_low=True),
     "fgc.momentum": _number(0, 1, open_high=True),
     "fgc.warmup_epochs": _int(0),
-    "fgc.bank_dtype": _choice("float32", "bfloat16"),
+    "fgc.bank_dtype": _choice(*COMPUTE_DTYPES),
     "fgc.knn_method": _choice(*memory_bank.KNN_METHODS),
     "init_from": _STR,
     "checkpoint_every_steps": _int(1),
@@ -136,8 +136,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
         input_pipeline.input_spec(config)
         model = create_model(config.model, 10, compute_dtype=config.compute_dtype)
         if config.model.gated:
-            from fgc_jax import evaluate  # pylint: disable=import-outside-toplevel
-            evaluate.resolve_blocks(config.fgc.blocks, sum(model.stage_sizes))
+            resolve_blocks(config.fgc.blocks, sum(model.stage_sizes))
     except ConfigError:
         raise
     except ValueError as e:

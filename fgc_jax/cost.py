@@ -13,7 +13,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fgc_jax import cli
-from fgc_jax.macs import cost_model_from_config, format_table, model_name
+from fgc_jax.macs import cost_model_from_config, format_table
+from fgc_jax.models.description import model_name
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")

@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from fgc_jax import data_parallel
+
 Batch = dict[str, np.ndarray]
 
 # Digits: the first 1,437 of scikit-learn's 1,797 images train, the last 360 test.
@@ -633,7 +635,7 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def to_global(batch: Batch, mesh: jax.sharding.Mesh, axis: str = "data") -> dict[str, jax.Array]:
+def to_global(batch: Batch, mesh: jax.sharding.Mesh, axis: str = data_parallel.AXIS) -> dict[str, jax.Array]:
     """Assembles the processes' local batches into global arrays sharded along `axis`."""
     if axis not in mesh.shape:
         raise ValueError(f"Mesh has no axis {axis!r}; its axes are {tuple(mesh.shape)}.")

@@ -270,12 +270,6 @@ def cost_model_from_config(config: ml_collections.ConfigDict) -> CostModel:
     return cost_model(create_model(config.model, num_classes), shape)
 
 
-def model_name(config: ml_collections.ConfigDict) -> str:
-    gated = "gated " if config.model.gated else ""
-    family = "CIFAR" if config.model.arch == "cifar_resnet" else "ImageNet"
-    return f"{gated}{family} ResNet-{config.model.depth} on {config.dataset}"
-
-
 def format_table(cost: CostModel, title: str = "") -> str:
     """A per-layer table (name, kind, block, in/out shape, kernel, MACs, params) and totals."""
     rows = [("layer", "kind", "block", "input", "output", "kernel", "MACs", "params")]

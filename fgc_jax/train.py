@@ -26,16 +26,17 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fgc_jax import (checkpointing, compilation, config_check, console, cpu_workarounds, evaluate,
-                     input_pipeline, losses, macs, memory_bank, schedules, torch_import, workdir_lock)
+from fgc_jax import (checkpointing, compilation, config_check, console, cpu_workarounds, data_parallel,
+                     evaluation, input_pipeline, losses, macs, memory_bank, schedules, torch_import, workdir_lock)
+from fgc_jax import variables as variables_lib
+from fgc_jax.data_parallel import AXIS
 from fgc_jax.metric_writers import MetricWriter
-from fgc_jax.models import create_model
+from fgc_jax.models import create_model, resolve_blocks
+from fgc_jax.models.description import model_name
 from fgc_jax.preemption import PreemptionFlag
 from fgc_jax.schedules import Phase
 
 Array = jax.Array
-AXIS = "data"
-BANK_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -112,7 +113,7 @@ class Trainer:
         self.eval_model = self.model.clone(data_axis_name=None)  # runs outside shard_map
         self.tx = create_optimizer(config)
         self.num_blocks = sum(self.model.stage_sizes) if config.model.gated else 0
-        self.fgc_blocks = evaluate.resolve_blocks(config.fgc.blocks, self.num_blocks) if self.num_blocks else []
+        self.fgc_blocks = resolve_blocks(config.fgc.blocks, self.num_blocks) if self.num_blocks else []
         self.bank_rows = memory_bank.padded_num_rows(info.num_train, mesh.size)
         abstract = jax.eval_shape(self._init_state, jax.random.key_data(jax.random.key(0)))
         self.shardings = state_shardings(abstract, mesh)
@@ -142,7 +143,7 @@ class Trainer:
                 f"{source} holds memory banks for blocks {sorted(by_block)} ({sorted(reference)}), but "
                 f"config.fgc.blocks={tuple(self.config.fgc.blocks)} names blocks {self.fgc_blocks}; set "
                 f"--config.fgc.blocks to the checkpoint's blocks")
-        widths, dtype = self.block_widths(), BANK_DTYPES[self.config.fgc.bank_dtype]
+        widths, dtype = self.block_widths(), jnp.dtype(self.config.fgc.bank_dtype)
         banks = {}
         for b, reference_banks in by_block.items():
             banks[f"block_{b}"] = {}
@@ -170,7 +171,7 @@ class Trainer:
             feature_rng, gate_bank_rng = jax.random.split(jax.random.fold_in(bank_rng, i))
             make = functools.partial(memory_bank.init_bank, num_rows=self.info.num_train, dim=widths[b],
                                      num_shards=self.mesh.size,
-                                     dtype=BANK_DTYPES[self.config.fgc.bank_dtype])
+                                     dtype=jnp.dtype(self.config.fgc.bank_dtype))
             banks[f"block_{b}"] = {"feature": make(feature_rng), "gate": make(gate_bank_rng)}
         return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"],
@@ -301,14 +302,14 @@ def initialise_from(source: str, trainer: Trainer, state: TrainState) -> TrainSt
     template = {"params": state.params, "batch_stats": state.batch_stats}
     epoch, banks = config.bas.epochs, state.banks
     if source.endswith((".pth", ".pt")):
-        variables, _ = evaluate.load_variables(config, template, torch_checkpoint=source)
+        variables, _ = variables_lib.load_variables(config, template, torch_checkpoint=source)
         state_dict, trained_epochs = torch_import.read_torch_checkpoint(source)
         reference_banks = torch_import.split_reference_banks(state_dict)[1]
         if reference_banks:
             banks = trainer.banks_from_reference(reference_banks, source)
             epoch = trained_epochs if trained_epochs is not None else epoch
     else:
-        variables, _ = evaluate.load_variables(config, template, workdir=source)
+        variables, _ = variables_lib.load_variables(config, template, workdir=source)
     return jax.device_put(state.replace(
         step=jnp.asarray(epoch * trainer.steps_per_epoch, jnp.int32), params=variables["params"],
         batch_stats=variables["batch_stats"], banks=banks), trainer.shardings)
@@ -364,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock = workdir_lock.WorkdirLock(workdir)
     try:
         info = input_pipeline.dataset_info(config)
-        mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+        mesh = data_parallel.make_mesh()
         config_check.check_against_data(config, info, mesh.size)
         input_pipeline.check_labels(config)
         if jax.process_index() == 0:
@@ -384,7 +385,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
     total_steps = config.num_epochs * steps_per_epoch
     eval_model = trainer.eval_model
     cost = macs.cost_model(eval_model, info.image_shape)
-    logging.info("%s", console.startup_summary(macs.model_name(config), info, mesh, config.batch_size,
+    logging.info("%s", console.startup_summary(model_name(config), info, mesh, config.batch_size,
                                                 steps_per_epoch, total_steps, cost))
 
     manager = checkpointing.create_manager(workdir, config)
@@ -448,7 +449,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
         nonlocal evaluated
         if not evaluated:
             logging.info("compiling the eval step ...")
-        report = evaluate.evaluate_model(trainer.eval_model, {"params": state.params,
+        report = evaluation.evaluate_model(trainer.eval_model, {"params": state.params,
                                                               "batch_stats": state.batch_stats},
                                          config, mesh, cost)
         scalars = {k: v for k, v in report.items() if isinstance(v, (int, float))}

@@ -17,7 +17,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import pytest
 
 from configs import resnet20_cifar
-from fgc_jax import checkpointing, evaluate, macs
+from fgc_jax import checkpointing, evaluate, evaluation, macs, models
 from fgc_jax.models import create_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_evaluate_model_matches_numpy(tiny_setup):
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     assert jax.device_count() == 8
     cost = macs.cost_model(model, (32, 32, 3))
-    report = evaluate.evaluate_model(model, variables, config, mesh, cost, collect=True)
+    report = evaluation.evaluate_model(model, variables, config, mesh, cost, collect=True)
 
     density = np.stack([g.astype(np.float64).mean(1) for g in gates], 1)  # [100, 3]
     expected_macs = STEM + R8_GATES + density @ R8_BLOCKS
@@ -127,22 +127,22 @@ def test_evaluate_model_matches_numpy(tiny_setup):
     np.testing.assert_allclose(per["macs"], macs)
     np.testing.assert_array_equal(per["gate"][2], gates[2] > 0.5)
     # Without collect: numbers only (what the training loop logs).
-    plain = evaluate.evaluate_model(model, variables, config, mesh, cost)
+    plain = evaluation.evaluate_model(model, variables, config, mesh, cost)
     assert "per_example" not in plain and plain["top1"] == report["top1"]
 
 
 def test_macs_percentiles_known_distribution():
     # 1..1000 with linear interpolation: position p/100 * 999 from the first value.
-    got = evaluate.macs_percentiles(np.arange(1, 1001))
+    got = evaluation.macs_percentiles(np.arange(1, 1001))
     assert got == pytest.approx({"p5": 50.95, "p50": 500.5, "p95": 950.05})
-    assert evaluate.macs_percentiles(np.full(7, 3.0)) == {"p5": 3.0, "p50": 3.0, "p95": 3.0}
+    assert evaluation.macs_percentiles(np.full(7, 3.0)) == {"p5": 3.0, "p50": 3.0, "p95": 3.0}
 
 
 def test_resolve_blocks():
-    assert evaluate.resolve_blocks((-2, -1), 9) == [7, 8]
-    assert evaluate.resolve_blocks((0, -9), 9) == [0]
+    assert models.resolve_blocks((-2, -1), 9) == [7, 8]
+    assert models.resolve_blocks((0, -9), 9) == [0]
     with pytest.raises(ValueError, match="fgc.blocks names block 9"):
-        evaluate.resolve_blocks((9,), 9)
+        models.resolve_blocks((9,), 9)
 
 
 def test_workdir_checkpoint_and_errors(tiny_setup, tmp_path):

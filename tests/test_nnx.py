@@ -1,7 +1,7 @@
 """fgc_jax in Flax NNX models through `flax.nnx.bridge.ToNNX` (docs/nnx.md).
 
 Oracles: the Linen model's `apply` with the same variables and gate key, a hand-written
-SGD update, and the ResNet-20 MAC count of FGC_SPEC §4 (tests/test_flops.py).
+SGD update, and the ResNet-20 MAC count of FGC_SPEC §4 (tests/test_macs.py).
 """
 import pathlib
 import re

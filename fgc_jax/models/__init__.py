@@ -1,7 +1,7 @@
 """Gated ResNets and the factory that builds one from `config.model`."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax.numpy as jnp
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import ml_collections
 
 ARCHITECTURES = {"cifar_resnet": cifar_resnet, "imagenet_resnet": imagenet_resnet}
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")  # activations; parameters stay float32
 
 
 def create_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
@@ -32,10 +32,21 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
     kwargs: dict[str, Any] = dict(gated=model_config.gated, gate_hidden=model_config.gate_hidden,
                                   tau=model_config.tau, data_axis_name=data_axis_name,
                                   sync_batch_norm=sync_batch_norm,
-                                  dtype=COMPUTE_DTYPES[compute_dtype],
+                                  dtype=jnp.dtype(compute_dtype),
                                   materialise_conv_inputs=materialise_conv_inputs)
     return ARCHITECTURES[model_config.arch](model_config.depth, num_classes, **kwargs)
 
 
+def resolve_blocks(blocks: Sequence[int], num_blocks: int) -> list[int]:
+    """Block indices with negative ones counted from the end (as `config.fgc.blocks`)."""
+    out = []
+    for b in blocks:
+        if not -num_blocks <= b < num_blocks:
+            raise ValueError(f"fgc.blocks names block {b}, but the model has {num_blocks} gated blocks "
+                             f"(valid: {-num_blocks}..{num_blocks - 1})")
+        out.append(b % num_blocks)
+    return sorted(set(out))
+
+
 __all__ = ["ARCHITECTURES", "CIFAR_DEPTHS", "IMAGENET_STAGE_SIZES", "GatedBasicBlock", "GatedResNet",
-           "cifar_resnet", "create_model", "imagenet_resnet"]
+           "cifar_resnet", "create_model", "imagenet_resnet", "resolve_blocks"]

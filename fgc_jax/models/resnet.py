@@ -93,9 +93,10 @@ class GatedBasicBlock(nn.Module):
         h = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x), mask))
         info = None
         if self.gated:
-            log_alpha, prob, gate = ChannelGate(self.planes, self.gate_hidden, self.tau,
-                                                self.data_axis_name, self.sync_batch_norm,
-                                                self.dtype, name="gate")(x, train, mask)
+            log_alpha, prob, gate = ChannelGate(
+                features=self.planes, hidden=self.gate_hidden, tau=self.tau,
+                data_axis_name=self.data_axis_name, sync_batch_norm=self.sync_batch_norm,
+                dtype=self.dtype, name="gate")(x, train, mask)
             feature = jax.lax.stop_gradient(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
             info = GateOutput(log_alpha=log_alpha, prob=prob, gate=gate, feature=feature)
             h = h * gate[:, None, None, :].astype(h.dtype)

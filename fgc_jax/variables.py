@@ -1,0 +1,66 @@
+"""Model variables from our checkpoints or a reference `.pth`, checked against the config's model.
+
+A checkpoint of another architecture is an `EvaluationError` naming both architectures
+(`fgc_jax.models.description`), before anything is compiled.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from flax import traverse_util
+import ml_collections
+import numpy as np
+
+from fgc_jax import checkpointing
+from fgc_jax.evaluation import EvaluationError
+from fgc_jax.models.description import describe_flax_params, describe_torch_state_dict, model_name
+
+
+def check_variables(variables: Mapping[str, Any], template: Mapping[str, Any], source: str,
+                    expected: str) -> None:
+    """Raises EvaluationError naming both architectures if the trees or shapes differ."""
+    got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(variables)).items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(template)).items()}
+    if got == want:
+        return
+    missing = sorted("/".join(map(str, k)) for k in want.keys() - got.keys())
+    extra = sorted("/".join(map(str, k)) for k in got.keys() - want.keys())
+    shapes = sorted(f"{'/'.join(map(str, k))}: {got[k]} vs {want[k]}"
+                    for k in want.keys() & got.keys() if got[k] != want[k])
+    detail = "; ".join(f"{title} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                       for title, items in (("missing", missing), ("unexpected", extra),
+                                            ("shape (checkpoint vs model)", shapes)) if items)
+    raise EvaluationError(
+        f"{source} seems to hold a {describe_flax_params(variables.get('params', {}))}, but the "
+        f"config builds a {expected}; pass the config it was trained with. ({detail})")
+
+
+def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any], *,
+                   workdir: str = "", step: int | None = None, torch_checkpoint: str = ""
+                   ) -> tuple[dict[str, Any], str]:
+    """Variables from our checkpoint (`workdir`, `step`) or a PyTorch `.pth`; returns (variables, source)."""
+    expected = model_name(config)
+    if torch_checkpoint:
+        from fgc_jax import torch_import  # pylint: disable=import-outside-toplevel
+
+        if not os.path.isfile(torch_checkpoint):
+            raise EvaluationError(f"--torch_checkpoint={torch_checkpoint} is not a file")
+        try:
+            variables = torch_import.load_torch_checkpoint(torch_checkpoint, template)
+        except ValueError as e:
+            try:
+                seems = describe_torch_state_dict(torch_import.read_torch_state_dict(torch_checkpoint))
+            except Exception:  # pylint: disable=broad-except
+                seems = "model that could not be identified"
+            lines = str(e).splitlines()
+            detail = "\n".join(lines[:6] + ([f"  ... and {len(lines) - 6} more"] if len(lines) > 6 else []))
+            raise EvaluationError(
+                f"{torch_checkpoint} seems to hold a {seems}, but the config builds a {expected}; "
+                f"pass the matching --config (e.g. --config.model.depth=...).\n{detail}") from e
+        return variables, os.path.abspath(torch_checkpoint)
+
+    variables, restored_step = checkpointing.restore_model_variables(workdir, step)
+    source = f"{os.path.abspath(os.path.join(workdir, 'checkpoints'))} step {restored_step}"
+    check_variables(variables, template, source, expected)
+    return variables, source
