@@ -14,6 +14,7 @@ import os
 import time
 from typing import Callable, Iterator
 
+from absl import logging as absl_logging
 import jax
 
 from fgc_jax import input_pipeline, macs
@@ -45,8 +46,6 @@ class ConsoleFilter(logging.Filter):
 
 def install(process_index: int = 0) -> ConsoleFilter:
     """Adds a `ConsoleFilter` to absl's log handler; returns it (set its `process_index` once known)."""
-    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-
     console_filter = ConsoleFilter(process_index)
     absl_logging.get_absl_handler().addFilter(console_filter)
     return console_filter

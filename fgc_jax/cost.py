@@ -12,8 +12,9 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from fgc_jax import cli
-from fgc_jax.macs import cost_model_from_config, format_table
+from fgc_jax import cli, input_pipeline
+from fgc_jax.macs import cost_model, format_table
+from fgc_jax.models import create_model
 from fgc_jax.models.description import model_name
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -25,7 +26,8 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
-    cost = cost_model_from_config(config)
+    shape, num_classes = input_pipeline.input_spec(config)  # no data needed
+    cost = cost_model(create_model(config.model, num_classes), shape)
     if flags.FLAGS.json:
         out = {"model": model_name(config), **cost.summary(),
                "layers": [dataclasses.asdict(layer) for layer in cost.layers]}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from flax import nnx, traverse_util
 import flax.linen as nn
@@ -31,9 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgc_jax.gates import ChannelGate
-
-if TYPE_CHECKING:  # configs are for the command line and the trainer; the library does not import them
-    import ml_collections
 
 COUNTED_KINDS = ("stem", "conv1", "conv2", "shortcut", "conv")  # in dense_macs
 
@@ -258,16 +255,6 @@ def dynamic_macs(cost: CostModel, gates: Sequence[Any]) -> Any:
 def pruning_ratio(cost: CostModel, mean_macs: float) -> float:
     """`1 - mean_macs / dense_macs` (spec §4; gate MACs are in mean_macs, not in dense)."""
     return 1.0 - float(mean_macs) / cost.dense_macs
-
-
-def cost_model_from_config(config: ml_collections.ConfigDict) -> CostModel:
-    """The cost model of the network that `config` builds, at the dataset's input size."""
-    # Local imports keep `import fgc_jax` (which exports cost accounting) light.
-    from fgc_jax import input_pipeline
-    from fgc_jax.models import create_model
-
-    shape, num_classes = input_pipeline.input_spec(config)
-    return cost_model(create_model(config.model, num_classes), shape)
 
 
 def format_table(cost: CostModel, title: str = "") -> str:

@@ -23,13 +23,14 @@ class PreemptionFlag:
         return self._raised
 
     def raised(self) -> bool:
-        """Whether any process was sent SIGTERM (all processes must stop at the same step)."""
+        """Whether a single-process run was sent SIGTERM (no communication: no per-step collective).
+
+        A multi-process run never reads this flag: there `jax.distributed.initialize` starts
+        JAX's preemption service, which takes over SIGTERM, and every process stops at its
+        sync point (`CheckpointManager.reached_preemption`), the same step on all of them.
+        """
         import jax  # pylint: disable=import-outside-toplevel
-        if jax.process_count() == 1:
-            return self._raised
-        import numpy as np  # pylint: disable=import-outside-toplevel
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._raised))))
+        return jax.process_count() == 1 and self._raised
 
     def restore(self) -> None:
         """Puts back the SIGTERM handler that was there before."""

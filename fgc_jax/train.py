@@ -27,7 +27,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fgc_jax import (checkpointing, compilation, config_check, console, cpu_workarounds, data_parallel,
-                     evaluation, input_pipeline, losses, macs, memory_bank, schedules, torch_import, workdir_lock)
+                     evaluation, input_pipeline, losses, macs, memory_bank, schedules, torch_import,
+                     workdir_lock)
 from fgc_jax import variables as variables_lib
 from fgc_jax.data_parallel import AXIS
 from fgc_jax.metric_writers import MetricWriter

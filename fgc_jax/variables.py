@@ -12,7 +12,7 @@ from flax import traverse_util
 import ml_collections
 import numpy as np
 
-from fgc_jax import checkpointing
+from fgc_jax import checkpointing, torch_import
 from fgc_jax.evaluation import EvaluationError
 from fgc_jax.models.description import describe_flax_params, describe_torch_state_dict, model_name
 
@@ -42,8 +42,6 @@ def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any
     """Variables from our checkpoint (`workdir`, `step`) or a PyTorch `.pth`; returns (variables, source)."""
     expected = model_name(config)
     if torch_checkpoint:
-        from fgc_jax import torch_import  # pylint: disable=import-outside-toplevel
-
         if not os.path.isfile(torch_checkpoint):
             raise EvaluationError(f"--torch_checkpoint={torch_checkpoint} is not a file")
         try:

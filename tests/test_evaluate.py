@@ -124,7 +124,7 @@ def test_evaluate_model_matches_numpy(tiny_setup):
     assert report["macs_percentiles"] == pytest.approx({"p5": p[0], "p50": p[1], "p95": p[2]})
     per = report["per_example"]
     np.testing.assert_array_equal(per["label"], labels)  # every example once, in order
-    np.testing.assert_allclose(per["macs"], macs)
+    np.testing.assert_allclose(per["macs"], expected_macs)
     np.testing.assert_array_equal(per["gate"][2], gates[2] > 0.5)
     # Without collect: numbers only (what the training loop logs).
     plain = evaluation.evaluate_model(model, variables, config, mesh, cost)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -265,6 +267,49 @@ def test_checkpoints_resume_across_process_layouts(trained):
 
 # ----------------------------------------------------------------------------------------------
 # Start-up mistakes: fail fast, say what is wrong.
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """JAX's preemption service takes SIGTERM in a multi-process run: every process stops at the
+    same sync-point step with a checkpoint, though only process 1 was signalled."""
+    workdir = tmp_path / "run"
+    run = Run(workdir, 2, 2, *TRAIN_FLAGS, "--config.num_epochs=300", timeout=120)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 5:
+        assert run.process.poll() is None and time.monotonic() < deadline, run.wait(timeout=60)[1][-4000:]
+        time.sleep(0.5)
+    pids = subprocess.run(["pgrep", "-f", f"fgc_jax.main --workdir={workdir} .*--process_id=1 "],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert len(pids) == 1, pids
+    os.kill(int(pids[0]), signal.SIGTERM)
+    status, output, _ = run.wait()
+    assert status == 0, output[-6000:]
+    logs = [log.read_text() for log in sorted(run.log_dir.glob("process_*.log"))]
+    stops = [re.findall(r"Stopped for preemption at step (\d+)", log) for log in logs]
+    assert len(stops) == 2 and stops[0] == stops[1] and len(stops[0]) == 1, output[-6000:]
+    step = int(stops[0][0])
+    assert step < 300 * STEPS_PER_EPOCH
+    assert load_checkpoint(workdir)[0] == step
+
+
+def test_the_sigterm_flag_costs_no_collective_in_a_multi_process_run(monkeypatch):
+    """A collective every step would stall dispatch-ahead; there the stop comes from JAX's
+    preemption sync point (above), so the loop's flag is not consulted."""
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    from fgc_jax.preemption import PreemptionFlag  # pylint: disable=import-outside-toplevel
+
+    flag = PreemptionFlag()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.raised_here() and flag.raised()  # one process: the flag itself
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(multihost_utils, "process_allgather", lambda *_, **__: pytest.fail("collective"))
+        assert not flag.raised()
+    finally:
+        flag.restore()
 
 
 def run_main(*flags: str, timeout: float = 120, env: dict[str, str] | None = None
