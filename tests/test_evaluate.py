@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from configs import resnet20_cifar
 from fgc_jax import checkpointing, evaluate, evaluation, macs, models
 from fgc_jax.models import create_model
+from test_macs import random_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MEAN = np.array([0.4914, 0.4822, 0.4465])
@@ -54,23 +54,6 @@ def read_cifar_bin(path):
     raw = np.fromfile(path, np.uint8).reshape(-1, 3073)
     images = raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return ((images / 255.0 - MEAN) / STD).astype(np.float32), raw[:, 0].astype(np.int64)
-
-
-def random_variables(model, shape, seed=0):
-    """Variables shaped like the model's, filled by NumPy (no compiled init: fast on CPU)."""
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-        return rng.normal(0, 0.3, leaf.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, template)
 
 
 def tiny_config(data_dir, depth=8):
