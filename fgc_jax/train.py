@@ -322,20 +322,21 @@ def _checkpoint_meta(config, step: int, steps_per_epoch: int) -> dict[str, Any]:
             "batch_size": config.batch_size, "seed": config.seed}
 
 
-def _flush_metrics(pending: list[dict[str, Array]], step: int, timed: tuple[int, float], batch_size: int,
+def _flush_metrics(pending: list[dict[str, Array]], step: int, clock: console.StepClock, batch_size: int,
                    writer: MetricWriter, last_checkpoint: int | None) -> dict[str, float]:
     """Averages the steps' metrics since the last flush, writes them, stops on NaN/inf.
 
-    `timed`: (steps, seconds) of training alone (`console.StepClock.lap`); images_per_second
-    and ms_per_step come from it and are left out when none of the steps was timed.
+    images_per_second and ms_per_step come from the clock's timed steps (left out when none
+    was timed). Its lap is taken once the metrics are on the host: the steps are dispatched
+    ahead, so only then has the device finished the interval's work.
     """
     host = jax.device_get(pending)
+    steps, seconds = clock.lap()
     means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     if not all(np.isfinite([m["loss"] for m in host])):
         raise FloatingPointError(
             f"non-finite loss at or before step {step} (loss {means['loss']}); training stopped. "
             f"{_keep_advice(last_checkpoint)}")
-    steps, seconds = timed
     if steps:
         means["images_per_second"] = steps * batch_size / max(seconds, 1e-9)
         means["ms_per_step"] = 1e3 * seconds / steps
@@ -507,7 +508,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
             stop = (preemption.raised() or manager.reached_preemption(done)) and done < total_steps
             wants_checkpoint = epoch_end or done % config.checkpoint_every_steps == 0 or stop
             if pending and (done % config.log_every_steps == 0 or wants_checkpoint):
-                means = _flush_metrics(pending, done, clock.lap(), loader.local_batch_size
+                means = _flush_metrics(pending, done, clock, loader.local_batch_size
                                        * jax.process_count(), writer, last_checkpoint)
                 speed = (f"{means['images_per_second']:.1f} img/s" if "images_per_second" in means
                          else "img/s n/a")

@@ -9,8 +9,10 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import quickstart
@@ -75,12 +77,39 @@ def test_flush_metrics_rates_come_from_timed_steps_only(tmp_path):
         def write_scalars(self, step, scalars):
             self.row = (step, scalars)
 
+    fake = FakeClock()
+    clock = console.StepClock(fake)
+    fake.now += 0.5
+    for _ in range(2):
+        clock.count()
     writer, pending = Writer(), [{"loss": 1.0}, {"loss": 3.0}, {"loss": 2.0}]
-    means = train._flush_metrics(pending, 3, (2, 0.5), 100, writer, None)  # pylint: disable=protected-access
+    means = train._flush_metrics(pending, 3, clock, 100, writer, None)  # pylint: disable=protected-access
     assert means == {"loss": 2.0, "images_per_second": 400.0, "ms_per_step": 250.0}
     assert writer.row == (3, means) and pending == []
-    means = train._flush_metrics([{"loss": 1.0}], 4, (0, 40.0), 100, writer, None)  # pylint: disable=protected-access
+    with clock.excluded():
+        fake.now += 40.0
+    means = train._flush_metrics([{"loss": 1.0}], 4, clock, 100, writer, None)  # pylint: disable=protected-access
     assert means == {"loss": 1.0}  # only a compiling step: no rate at all
+
+
+def test_flush_metrics_times_the_device_work_not_its_dispatch():
+    """Steps are dispatched ahead: the interval ends when their metrics reach the host."""
+    class Writer:
+        def write_scalars(self, step, scalars):
+            pass
+
+    work = jax.jit(lambda x: jax.lax.fori_loop(0, 30, lambda i, a: jnp.tanh(a @ a), x).sum())
+    x = jnp.full((1000, 1000), 1e-3)
+    work(x).block_until_ready()  # compiled
+    began = time.perf_counter()
+    work(x).block_until_ready()
+    device_seconds = time.perf_counter() - began
+
+    clock = console.StepClock()
+    pending = [{"loss": work(x)}]  # returns at once, the device still computing
+    clock.count()
+    means = train._flush_metrics(pending, 1, clock, 1, Writer(), None)  # pylint: disable=protected-access
+    assert means["ms_per_step"] / 1e3 > 0.5 * device_seconds, (means, device_seconds)
 
 
 @pytest.mark.parametrize("value", [(5,), (3, 3), (4, 2), (-1, 2), (1.0, 2), (1, 2, 3), "1,2"])
