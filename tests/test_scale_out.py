@@ -328,11 +328,25 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
         "--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}",
         f"--coordinator_address=localhost:{free_port()}", "--num_processes=2", "--process_id=1",
         "--cpu_collectives=gloo", f"--distributed_timeout={timeout}")
-    assert status != 0
-    assert f"was not reachable within {timeout}s" in output, output[-3000:]
-    assert "Check that process 0 of this run is running" in output
+    assert status == 2
+    error = output.strip().splitlines()[-1]  # one line, no traceback
+    assert error.startswith("error: ") and "Traceback" not in output, output[-3000:]
+    assert f"was not reachable within {timeout}s" in error and "Check that process 0 of this run is running" in error
     # Python start-up and imports take a few seconds; the wait itself is bounded by the timeout.
     assert timeout <= seconds < timeout + 60, seconds
+
+
+def test_without_coordinator_or_cluster_the_run_stays_single_process():
+    """JAX's cluster detection finds nothing here: no distributed runtime, all local devices."""
+    code = ("import jax; from fgc_jax import distributed; distributed.initialize(); "
+            "print(jax.distributed.is_initialized(), jax.process_count(), jax.device_count())")
+    env = subprocess_env()
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_", "KUBERNETES_"))}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "1", "2"]
 
 
 def test_bad_process_id_is_rejected_before_contacting_anyone(tmp_path):
