@@ -333,6 +333,16 @@ def time_table(args: argparse.Namespace, script: str, torch_env: dict[str, str])
     return rows
 
 
+def _cpu_vector_isa() -> str:
+    """The host CPU's widest vector instructions: XLA:CPU's speed against oneDNN's depends on them."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "vector ISA unknown"
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return widest + (" with BF16" if "avx512_bf16" in flags else "")
+
+
 def main(argv=None) -> list[dict]:
     args = _parse_args(argv)
     torch_env = setup_process(args.xla_flags)
@@ -342,7 +352,7 @@ def main(argv=None) -> list[dict]:
     if args.torch_script and not script:
         print(f"note: {args.torch_script} not found; PyTorch column left empty")
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-          f"{os.cpu_count()} CPU cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"{os.cpu_count()} CPU cores ({_cpu_vector_isa()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
           f"bank={args.bank} k={args.k}, {args.steps} steps x {args.repeats} repeats, median")
     rows = time_table(args, script, torch_env)

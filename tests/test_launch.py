@@ -10,6 +10,7 @@ import os
 import pathlib
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -189,7 +190,6 @@ print(json.dumps(dict(task=int(os.environ["SLURM_PROCID"]), index=jax.process_in
 
 
 def free_port() -> int:
-    import socket  # pylint: disable=import-outside-toplevel
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
