@@ -71,6 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Start the FGC stage from a BAS-stage checkpoint: an orbax checkpoint directory of ours
     # or a PyTorch .pth of the reference; training then begins at epoch bas.epochs.
     config.init_from = ""
+    # A PyTorch .pth is a pickle, which can name code to run on opening. False (keep it so):
+    # a .pth (init_from, or evaluate's --torch_checkpoint) naming anything beyond tensors,
+    # numbers, strings, containers and argparse.Namespace is refused before anything runs.
+    # True, for a file whose source you trust: it is unpickled in full, running that code,
+    # and a warning says so.
+    config.trust_pickled_code = False
 
     # Checkpoints, logging, evaluation.
     config.checkpoint_every_steps = 1000  # besides the end of every epoch

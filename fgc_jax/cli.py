@@ -1,6 +1,6 @@
 """Shared command-line behaviour of `fgc_jax.main`, `evaluate`, `cost` and `compare`.
 
-A user error (bad flag, config field or file, unusable checkpoint, busy workdir, bad data)
+A user error (bad flag, config field or file, unusable or unsafe checkpoint, busy workdir, bad data)
 prints one `error: ...` line and exits with status 2; a run that fails for another reason it
 can name (a failed save, divergence) prints one `error: ...` line and exits with status 1.
 `--verbosity=1` (absl's flag) shows the traceback instead. Anything else is a bug and keeps
@@ -13,11 +13,12 @@ from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
 
-from fgc_jax import checkpointing, config_check, workdir_lock
+from fgc_jax import checkpointing, config_check, torch_import, workdir_lock
 
 USER_ERROR, RUN_FAILURE = 2, 1
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, OSError, app.UsageError, checkpointing.CheckpointError, workdir_lock.WorkdirBusyError)
+    ValueError, OSError, app.UsageError, checkpointing.CheckpointError, workdir_lock.WorkdirBusyError,
+    torch_import.UnsafeCheckpointError)
 RUN_FAILURES: tuple[type[BaseException], ...] = (checkpointing.SaveError, FloatingPointError)
 
 

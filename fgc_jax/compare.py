@@ -21,7 +21,11 @@ def read_report(path: str) -> dict[str, Any]:
     for candidate in (path, os.path.join(path, REPORT_NAME), os.path.join(path, "eval", REPORT_NAME)):
         if os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as f:
-                return json.load(f)
+                try:
+                    return json.load(f)  # data only: JSON builds dicts, lists, strings and numbers
+                except ValueError as e:
+                    raise ValueError(f"{candidate} is not an eval report (JSON) of fgc_jax.evaluate: "
+                                     f"{e}") from e
     raise FileNotFoundError(f"no {REPORT_NAME} in {path} (nor in {os.path.join(path, 'eval')}); "
                             "run `python -m fgc_jax.evaluate ... --output_dir=DIR` first")
 

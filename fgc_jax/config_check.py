@@ -2,7 +2,8 @@
 
 `check_fields(config)` needs nothing but the config: types and ranges of every field in
 `configs/resnet20_cifar.py` (which all configs derive from), unknown fields, the model the
-config describes, and a missing `init_from`. `check_against_data(config, info, num_devices)`
+config describes, a missing `init_from`, and an `init_from` `.pth` that names code to run
+(`torch_import.UnsafeCheckpointError`). `check_against_data(config, info, num_devices)`
 adds what depends on the dataset's size and the device count. Both raise `ConfigError`
 (a ValueError) naming the field; the command-line tools print it as one `error:` line.
 """
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from fgc_jax import compilation, input_pipeline, memory_bank
+from fgc_jax import compilation, input_pipeline, memory_bank, torch_import
 from fgc_jax.models import COMPUTE_DTYPES, create_model, resolve_blocks
 
 
@@ -94,6 +95,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fgc.bank_dtype": _choice(*COMPUTE_DTYPES),
     "fgc.knn_method": _choice(*memory_bank.KNN_METHODS),
     "init_from": _STR,
+    "trust_pickled_code": _BOOL,
     "checkpoint_every_steps": _int(1),
     "keep_checkpoints": _int(1),
     "checkpoint_fallback": _BOOL,
@@ -144,6 +146,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if config.init_from and not os.path.exists(config.init_from):
         raise FileNotFoundError(f"config.init_from={config.init_from} does not exist (expected a "
                                 "workdir of a BAS-stage run or a PyTorch .pth)")
+    if config.init_from.endswith(torch_import.SUFFIXES) and not config.trust_pickled_code:
+        torch_import.read_torch_checkpoint(config.init_from)  # refuses a pickle naming code, running none
 
 
 def check_against_data(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,

@@ -6,17 +6,26 @@ is `params/layer1_0/conv1/kernel`. Conversion is driven by a template of our var
 so every model leaf must be found, no checkpoint tensor may be left over, and every
 shape must agree; anything else is reported at once. torch is an optional dependency
 (`pip install -e .[torch]`) needed only to read `.pth` files.
+
+A `.pth` is a pickle, and unpickling can run any code the file names. Files are opened with
+PyTorch's weights-only loader (tensors, numbers, strings, plain containers, and the
+`_HARMLESS_GLOBALS` below); one that names anything else is refused
+(`UnsafeCheckpointError`) unless the caller opts in with `trust_pickled_code=True`.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import re
 from typing import Any, Mapping
 
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+SUFFIXES = (".pth", ".pt")  # file names read as PyTorch checkpoints (e.g. in config.init_from)
 # Module renames between our names and the PyTorch ones (after `_` -> `.` in `layerX_Y`).
 _MODULE_TO_TORCH = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
 # The classifier is `linear` in the CIFAR reference and `fc` in torchvision ResNets.
@@ -33,6 +42,15 @@ _DATA_PARALLEL_PREFIX = "module."
 # A reference FGC-stage state_dict also holds each FGC block's memory banks (spec §6).
 _BANK_SUFFIXES = {".gate.feat_mb.memory": "feature", ".gate.gate_mb.memory": "gate",
                   ".gate.gate_mb.params": "params"}
+# Data-only objects training scripts pickle beside the weights (the reference's argparse
+# arguments), let through PyTorch's own allowlist (`torch.serialization.safe_globals`):
+# unpickling one only fills its `__dict__`, with values the weights-only loader vets in turn.
+_HARMLESS_GLOBALS = (argparse.Namespace,)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A `.pth` whose pickle names code outside PyTorch's weights-only allowlist; it was not
+    unpickled, as that would run the code."""
 
 
 def split_reference_banks(state_dict: Mapping[str, np.ndarray]
@@ -142,32 +160,62 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray],
     return traverse_util.unflatten_dict(converted)
 
 
-def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_torch_state_dict(path: str | os.PathLike, *, trust_pickled_code: bool = False
+                          ) -> dict[str, np.ndarray]:
     """The state_dict of a PyTorch `.pth` file (raw, or under a 'state_dict' entry) as NumPy."""
-    return read_torch_checkpoint(path)[0]
+    return read_torch_checkpoint(path, trust_pickled_code=trust_pickled_code)[0]
 
 
-def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int | None]:
+def _refused_globals(torch: Any, path: str, error: Exception) -> str:
+    """The globals of `path` outside the weights-only allowlist, for the error message."""
+    try:  # all of them, read off the pickle without running it (zip-format files only)
+        with torch.serialization.safe_globals(list(_HARMLESS_GLOBALS)):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # pylint: disable=broad-except
+        names = []
+    names = names or re.findall(r"GLOBAL ([\w.]+)", str(error))  # the first one, as torch names it
+    if names:
+        return ", ".join(sorted(set(names)))
+    return next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler" in line),
+                "an object PyTorch's weights-only loader does not allow")
+
+
+def read_torch_checkpoint(path: str | os.PathLike, *, trust_pickled_code: bool = False
+                          ) -> tuple[dict[str, np.ndarray], int | None]:
     """`(state_dict as NumPy, epoch)` of a `.pth`; epoch: the reference's 'epoch' entry (epochs
-    trained), None where the file has none."""
+    trained), None where the file has none.
+
+    Raises `UnsafeCheckpointError`, running nothing, if the file names code PyTorch's
+    weights-only loader refuses. `trust_pickled_code=True` unpickles such a file in full
+    (`torch.load(weights_only=False)`), which runs that code, and logs a warning saying so:
+    only for a file whose source you trust.
+    """
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError("reading PyTorch checkpoints needs torch: pip install -e .[torch]") from e
 
+    path = os.fspath(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training scripts often pickle extra objects (e.g. argparse.Namespace) that the safe
-        # loader refuses. Only then fall back to full unpickling, which can run arbitrary
-        # code: load only checkpoints from sources you trust.
+        with torch.serialization.safe_globals(list(_HARMLESS_GLOBALS)):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refused_globals(torch, path, e)
+        if not trust_pickled_code:
+            raise UnsafeCheckpointError(
+                f"{path} names code outside PyTorch's weights-only allowlist ({refused}); "
+                "unpickling it would run that code, so it was refused. Only if you trust the "
+                "file's source: rerun with --config.trust_pickled_code=True (in Python: "
+                "trust_pickled_code=True)") from e
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        logging.warning("%s was unpickled in full (trust_pickled_code): the code it names (%s) "
+                        "was run", path, refused)
     epoch = None
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
         epoch = checkpoint.get("epoch")
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{os.fspath(path)} holds a {type(checkpoint).__name__}, not a state_dict")
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict")
 
     def to_numpy(value: Any) -> np.ndarray:
         if not isinstance(value, torch.Tensor):
@@ -180,9 +228,12 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray
         None if epoch is None else int(epoch))
 
 
-def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> dict[str, Any]:
+def load_torch_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any], *,
+                          trust_pickled_code: bool = False) -> dict[str, Any]:
     """Reads a PyTorch `.pth` file (a state_dict, or a dict with a 'state_dict' entry) into Flax.
 
-    See `torch_state_dict_to_flax` for the mapping and the template `variables`.
+    See `torch_state_dict_to_flax` for the mapping and the template `variables`, and
+    `read_torch_checkpoint` for `trust_pickled_code`.
     """
-    return torch_state_dict_to_flax(read_torch_state_dict(path), variables)
+    return torch_state_dict_to_flax(read_torch_state_dict(path, trust_pickled_code=trust_pickled_code),
+                                    variables)

@@ -302,9 +302,10 @@ def initialise_from(source: str, trainer: Trainer, state: TrainState) -> TrainSt
     config = trainer.config
     template = {"params": state.params, "batch_stats": state.batch_stats}
     epoch, banks = config.bas.epochs, state.banks
-    if source.endswith((".pth", ".pt")):
-        variables, _ = variables_lib.load_variables(config, template, torch_checkpoint=source)
-        state_dict, trained_epochs = torch_import.read_torch_checkpoint(source)
+    if source.endswith(torch_import.SUFFIXES):
+        state_dict, trained_epochs = torch_import.read_torch_checkpoint(
+            source, trust_pickled_code=config.trust_pickled_code)
+        variables = variables_lib.torch_variables(config, template, state_dict, source)
         reference_banks = torch_import.split_reference_banks(state_dict)[1]
         if reference_banks:
             banks = trainer.banks_from_reference(reference_banks, source)

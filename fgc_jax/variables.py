@@ -36,29 +36,43 @@ def check_variables(variables: Mapping[str, Any], template: Mapping[str, Any], s
         f"config builds a {expected}; pass the config it was trained with. ({detail})")
 
 
+def torch_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any],
+                    state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, Any]:
+    """A PyTorch state_dict (read from `source`) as variables of the config's model.
+
+    Raises EvaluationError naming both architectures if it holds another model.
+    """
+    try:
+        return torch_import.torch_state_dict_to_flax(state_dict, template)
+    except ValueError as e:
+        try:
+            seems = describe_torch_state_dict(state_dict)
+        except Exception:  # pylint: disable=broad-except
+            seems = "model that could not be identified"
+        lines = str(e).splitlines()
+        detail = "\n".join(lines[:6] + ([f"  ... and {len(lines) - 6} more"] if len(lines) > 6 else []))
+        raise EvaluationError(
+            f"{source} seems to hold a {seems}, but the config builds a {model_name(config)}; "
+            f"pass the matching --config (e.g. --config.model.depth=...).\n{detail}") from e
+
+
 def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any], *,
                    workdir: str = "", step: int | None = None, torch_checkpoint: str = ""
                    ) -> tuple[dict[str, Any], str]:
-    """Variables from our checkpoint (`workdir`, `step`) or a PyTorch `.pth`; returns (variables, source)."""
-    expected = model_name(config)
+    """Variables from our checkpoint (`workdir`, `step`) or a PyTorch `.pth`; returns (variables, source).
+
+    A `.pth` that names code is refused unless `config.trust_pickled_code`
+    (`torch_import.read_torch_checkpoint`).
+    """
     if torch_checkpoint:
         if not os.path.isfile(torch_checkpoint):
             raise EvaluationError(f"--torch_checkpoint={torch_checkpoint} is not a file")
-        try:
-            variables = torch_import.load_torch_checkpoint(torch_checkpoint, template)
-        except ValueError as e:
-            try:
-                seems = describe_torch_state_dict(torch_import.read_torch_state_dict(torch_checkpoint))
-            except Exception:  # pylint: disable=broad-except
-                seems = "model that could not be identified"
-            lines = str(e).splitlines()
-            detail = "\n".join(lines[:6] + ([f"  ... and {len(lines) - 6} more"] if len(lines) > 6 else []))
-            raise EvaluationError(
-                f"{torch_checkpoint} seems to hold a {seems}, but the config builds a {expected}; "
-                f"pass the matching --config (e.g. --config.model.depth=...).\n{detail}") from e
-        return variables, os.path.abspath(torch_checkpoint)
+        state_dict, _ = torch_import.read_torch_checkpoint(
+            torch_checkpoint, trust_pickled_code=config.trust_pickled_code)
+        return (torch_variables(config, template, state_dict, torch_checkpoint),
+                os.path.abspath(torch_checkpoint))
 
     variables, restored_step = checkpointing.restore_model_variables(workdir, step)
     source = f"{os.path.abspath(os.path.join(workdir, 'checkpoints'))} step {restored_step}"
-    check_variables(variables, template, source, expected)
+    check_variables(variables, template, source, model_name(config))
     return variables, source

@@ -226,7 +226,7 @@ def test_cli_released_checkpoint(bas_checkpoint, cifar_mini_dir, tmp_path):
 
     # The same forward pass in NumPy on the first images: predictions and MACs agree.
     n = 96
-    state_dict = torch.load(bas_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state_dict = torch.load(bas_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     logits, density = numpy_resnet20(state_dict, x[:n].astype(np.float64))
     expected_macs = STEM + R20_GATES + density @ R20_BLOCKS
     assert np.sum(logits.argmax(1) != per["prediction"][:n]) <= 1

@@ -6,6 +6,7 @@ indices, the same memory banks and the same Gumbel noise (recorded from our step
 runs). Our float32 step in the DEFAULT configuration, through `Trainer.train_step` as
 training compiles it, must agree with it as well as PyTorch's own float32 step does.
 """
+import argparse
 import itertools
 
 import jax
@@ -214,8 +215,9 @@ def test_init_from_applies_the_absolute_epoch_learning_rate(cifar_mini_dir, bas_
 
 
 def reference_fgc_checkpoint(bas_checkpoint, path, blocks=("layer3.1", "layer3.2"), rows=5085, epoch=250):
-    """The released BAS .pth turned into an FGC-stage one: banks as the reference saves them (spec §6)."""
-    checkpoint = torch.load(bas_checkpoint, map_location="cpu", weights_only=False)
+    """The released BAS .pth turned into an FGC-stage one: banks as the reference saves them (spec §6),
+    and the script's arguments beside them (an argparse.Namespace, as training scripts often save)."""
+    checkpoint = torch.load(bas_checkpoint, map_location="cpu", weights_only=True)
     rng = np.random.default_rng(0)
     banks = {}
     for block in blocks:
@@ -226,6 +228,7 @@ def reference_fgc_checkpoint(bas_checkpoint, path, blocks=("layer3.1", "layer3.2
         banks[f"{block}.gate.gate_mb.params"] = torch.tensor([0.07, 0.5])
     checkpoint["state_dict"] = {**checkpoint["state_dict"], **banks}
     checkpoint["epoch"] = epoch
+    checkpoint["args"] = argparse.Namespace(arch="resnet20", lr=0.1, epochs=500, fgc_blocks=list(blocks))
     torch.save(checkpoint, path)
     return banks
 

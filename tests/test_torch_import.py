@@ -228,7 +228,7 @@ def test_load_accepts_the_usual_checkpoint_layouts(tmp_path, layout):
     tensors = {k: torch.as_tensor(v) for k, v in state.items()}
     if layout == "wrapped":
         contents = {"epoch": 3, "arch": "resnet8", "state_dict": tensors}
-    elif layout == "data_parallel_with_namespace":  # needs the weights_only=False fallback
+    elif layout == "data_parallel_with_namespace":  # argparse.Namespace: allowed, no code runs
         contents = {"args": argparse.Namespace(lr=0.1),
                     "state_dict": {"module." + k: v for k, v in tensors.items()}}
     else:
