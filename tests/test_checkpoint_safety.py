@@ -184,6 +184,7 @@ def test_every_command_refuses_it_with_one_line_before_compiling(tmp_path):
         assert returncode == 2 and len(lines) == 1, (name, stderr)
         assert lines[0].startswith(f"error: {evil} names code") and SYSTEM in lines[0], (name, stderr)
         assert "--config.trust_pickled_code=True" in lines[0]
+        assert lines[0].replace(str(evil), "evil.pth") in (REPO / "README.md").read_text()  # quoted there
     returncode, stderr = results["compare"]  # compare reads JSON reports only: the file is not one
     lines = error_lines(stderr)
     assert returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {evil} is not an eval report")
