@@ -156,7 +156,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_string("workdir", "", "Training workdir whose checkpoint to evaluate.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_string("torch_checkpoint", "", "A PyTorch .pth of the reference instead of --workdir.")
+    flags.DEFINE_string("torch_checkpoint", "", "A PyTorch .pth of the reference instead of --workdir "
+                        "(one whose pickle names code is refused unless --config.trust_pickled_code=True).")
     flags.DEFINE_string("output_dir", "", "Where to write the report and pictures "
                         "(default: WORKDIR/eval or ./eval_<checkpoint name>).")
     flags.DEFINE_integer("alignment_max_examples", 10000,

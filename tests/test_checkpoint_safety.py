@@ -81,10 +81,13 @@ def tensors(state):
 
 
 # ----------------------------------------------------------------------------- the library
-@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-def test_library_refuses_a_pickle_that_names_code_and_runs_none(tmp_path, zip_format):
-    marker = tmp_path / "MARKER"
-    path = malicious_pth(tmp_path / "evil.pth", marker, _use_new_zipfile_serialization=zip_format)
+@pytest.mark.parametrize("layout", ["zip", "legacy", "inside_allowed_namespace"])
+def test_library_refuses_a_pickle_that_names_code_and_runs_none(tmp_path, layout):
+    marker, path = tmp_path / "MARKER", tmp_path / "evil.pth"
+    if layout == "inside_allowed_namespace":  # the allowlisted class vets what it holds
+        torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1, hook=Payload(marker))}, path)
+    else:
+        malicious_pth(path, marker, _use_new_zipfile_serialization=layout == "zip")
     readers = [lambda: torch_import.read_torch_checkpoint(path),
                lambda: torch_import.read_torch_state_dict(path),
                lambda: torch_import.load_torch_checkpoint(path, template(cifar_resnet(8)))]
