@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from fgc_jax import input_pipeline
+from fgc_jax.data import tfds_source
 
 CIFAR_MINI = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
               / "cifar-10-batches-bin")
@@ -126,7 +127,7 @@ def main():
     for jpeg in (False, True):
         source = FakeImageNet(photos, jpeg)
         what = f"JPEG ({source.mean_bytes() / 1e3:.0f} kB) + decode" if jpeg else "decoded"
-        with mock.patch.object(input_pipeline, "_open_tfds", lambda *args: source):
+        with mock.patch.object(tfds_source, "open_split", lambda *args: source):
             loader = input_pipeline.TrainLoader(config, global_batch_size=64, process_index=0,
                                                 process_count=1)
             evals = functools.partial(input_pipeline.eval_batches, config, global_batch_size=64,
