@@ -13,7 +13,8 @@ the union of the processes' slices does not depend on the number of processes.
 
 Sources (`config.data.source`, each in `fgc_jax.data`): `cifar_bin` and `sklearn`
 (digits) are read into memory once; `tfds` reads CIFAR into memory and ImageNet by
-index, decoded per batch.
+index; `imagenet_folder` reads extracted ImageNet files by index. ImageNet is decoded
+per batch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from fgc_jax import data_parallel
-from fgc_jax.data import cifar, common, digits, tfds_source
+from fgc_jax.data import cifar, common, digits, imagenet_folder, tfds_source
 
 Batch = dict[str, np.ndarray]
 
@@ -77,7 +78,7 @@ class _Spec:
 _SPECS = {
     "cifar10": _Spec(10, ("cifar_bin", "tfds"), "test", CIFAR10_MEAN, CIFAR10_STD, 4, True),
     "cifar100": _Spec(100, ("cifar_bin", "tfds"), "test", CIFAR100_MEAN, CIFAR100_STD, 4, True),
-    "imagenet2012": _Spec(1000, ("tfds",), "validation", IMAGENET_MEAN, IMAGENET_STD),
+    "imagenet2012": _Spec(1000, ("tfds", "imagenet_folder"), "validation", IMAGENET_MEAN, IMAGENET_STD),
     "digits": _Spec(10, ("sklearn",), "test", DIGITS_MEAN, DIGITS_STD, 1, False),
 }
 
@@ -108,7 +109,7 @@ def _spec(config: ml_collections.ConfigDict) -> _Spec:
         raise ValueError(
             f"config.data.source={source!r} cannot serve config.dataset={name!r}; use one of"
             f" {list(spec.sources)} (cifar_bin: CIFAR-10/100 only; sklearn: digits only;"
-            " imagenet2012: tfds only)."
+            " imagenet_folder: imagenet2012 only)."
         )
     if not isinstance(config.data.prefetch, int) or config.data.prefetch < 0:
         raise ValueError(f"config.data.prefetch must be an int >= 0, got {config.data.prefetch!r}.")
@@ -128,9 +129,12 @@ def _in_memory(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarra
 
 
 def check_labels(config: ml_collections.ConfigDict) -> None:
-    """Loads both splits of an in-memory dataset (CIFAR, digits), checking every label, so bad
-    files fail before any training; ImageNet's labels are checked as its batches are decoded."""
-    if config.dataset != "imagenet2012":
+    """Checks the data before any training: loads both splits of an in-memory dataset (CIFAR,
+    digits), checking every label; opens every file header of an ImageNet folder. tfds ImageNet's
+    labels are checked as its batches are decoded."""
+    if config.data.source == "imagenet_folder":
+        imagenet_folder.check_headers(config.data.dir)
+    elif config.dataset != "imagenet2012":
         for split in ("train", _spec(config).test_split):
             _in_memory(config, split)
 
@@ -148,12 +152,16 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     elif config.data.source == "sklearn":
         num_train, num_test = digits.NUM_TRAIN, digits.NUM_EXAMPLES - digits.NUM_TRAIN
     else:
-        num_train, num_test = (
-            len(tfds_source.open_split(name, split, config.data.dir, config.data.manual_dir))
-            for split in ("train", spec.test_split)
-        )
+        num_train, num_test = (len(_random_access(config, split)) for split in ("train", spec.test_split))
     shape, num_classes = input_spec(config)
     return DatasetInfo(name, num_train, num_test, num_classes, shape)
+
+
+def _random_access(config: ml_collections.ConfigDict, split: str) -> Sequence[Mapping[str, Any]]:
+    """ImageNet's `split`, examples {'image': uint8 HWC, 'label'} read and decoded by index."""
+    if config.data.source == "imagenet_folder":
+        return imagenet_folder.ImageFolder(config.data.dir, split)
+    return tfds_source.open_split(config.dataset, split, config.data.dir, config.data.manual_dir)
 
 
 def input_spec(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
@@ -271,7 +279,7 @@ class _DecodedPipeline:
             images[k] = self._normalise(crop(k, example["image"]))
 
         list(common.pool().map(one, range(len(indices))))
-        common.check_labels(labels, self._spec.num_classes, "tfds imagenet2012")
+        common.check_labels(labels, self._spec.num_classes, "imagenet2012")
         return images, labels
 
     def _resize(self, image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
@@ -301,9 +309,7 @@ class _DecodedPipeline:
 def _pipeline(config: ml_collections.ConfigDict, split: str) -> _ArrayPipeline | _DecodedPipeline:
     spec = _spec(config)
     if config.dataset == "imagenet2012":
-        source = tfds_source.open_split(config.dataset, split, config.data.dir,
-                                        config.data.manual_dir)
-        return _DecodedPipeline(source, spec, config.data.image_size)
+        return _DecodedPipeline(_random_access(config, split), spec, config.data.image_size)
     return _ArrayPipeline(*_in_memory(config, split), spec)
 
 
