@@ -8,6 +8,7 @@ and the CIFAR photographs the sample was made from.
 import itertools
 import shutil
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -16,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from conftest import CIFAR_MINI
 from fgc_jax import input_pipeline
-from fgc_jax.data import imagenet_folder, imagenet_sample
+from fgc_jax.data import imagenet_folder, imagenet_sample, tfds_source
 
 TFDS_LABELS = tfds.core.tfds_path("datasets/imagenet2012/labels.txt").read_text().split()
 TFDS_VAL_LABELS = tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt").read_text().split()
@@ -177,3 +178,59 @@ def test_truncated_jpeg_passes_the_header_check_and_fails_the_scan_naming_it(sam
     train = imagenet_folder.ImageFolder(root, "train")
     with pytest.raises(imagenet_folder.UndecodableImageError, match=str(bad)):
         train[train.paths.index(str(bad))]
+
+
+# --------------------------------------------------------------------------- tfds route
+
+
+def tfds_config(tars, data_dir, image_size=32):
+    config = folder_config("", image_size)
+    config.data.source, config.data.dir, config.data.manual_dir = "tfds", str(data_dir), str(tars)
+    return config
+
+
+def test_tfds_builder_prepares_the_tars_and_agrees_with_the_folder_route(sample, tmp_path):
+    """tfds's own imagenet2012 builder prepares the sample's tars (needs the `imagenet` extra);
+    the array_record it writes is then read by index, labels and pictures as the folders give."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("importlib_resources")
+    out, sizes = sample
+    config = tfds_config(out / "tars", tmp_path / "tfds")
+    info = input_pipeline.dataset_info(config)
+    assert (info.num_train, info.num_test) == (sizes["train"], sizes["validation"])
+    for split in ("train", "validation"):
+        prepared = tfds.data_source("imagenet2012", split=split, data_dir=str(tmp_path / "tfds"))
+        folder = imagenet_folder.ImageFolder(out / "folder", split)
+        by_name = {p.split("/")[-1]: k for k, p in enumerate(folder.paths)}
+        for k in range(len(prepared)):
+            example = prepared[k]
+            mine = folder[by_name[example["file_name"].decode()]]
+            assert example["label"] == mine["label"]
+            assert example["image"].shape == mine["image"].shape
+            # Decoders differ in the last bits; tfds re-encodes the CMYK and PNG files as JPEG.
+            assert np.abs(example["image"].astype(float) - mine["image"]).mean() < 4
+    # Without manual_dir the prepared data is read as it is (no TensorFlow needed for reading).
+    config.data.manual_dir = ""
+    batch = next(input_pipeline.TrainLoader(config, global_batch_size=16, process_index=0,
+                                            process_count=1).batches())
+    assert batch["image"].shape == (16, 32, 32, 3) and np.isfinite(batch["image"]).all()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_val_tar", r"manual_dir=.*tars lacks ILSVRC2012_img_val.tar; put both ILSVRC2012 tars"),
+    ("no_tensorflow", r"needs fgc_jax_no_such_module: pip install -e '.\[imagenet\]'"),
+    ("two_processes", r"each of the 2 processes would prepare it at once; prepare it once.*tfds build"),
+])
+def test_tfds_preparation_problems_are_one_line_before_any_work(sample, tmp_path, monkeypatch,
+                                                               damage, message):
+    tars = tmp_path / "tars"
+    shutil.copytree(sample[0] / "tars", tars)
+    if damage == "no_val_tar":
+        (tars / "ILSVRC2012_img_val.tar").unlink()
+    elif damage == "no_tensorflow":
+        monkeypatch.setattr(tfds_source, "PREPARATION_MODULES", ("fgc_jax_no_such_module",))
+    else:
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        input_pipeline.dataset_info(tfds_config(tars, tmp_path / "tfds"))
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))

@@ -234,7 +234,7 @@ def test_to_global_shards_the_batch():
     ("cifar10", "csv", "cannot serve"),
     ("cifar10", "sklearn", "sklearn: digits only"),
     ("digits", "cifar_bin", "cannot serve"),
-    ("imagenet2012", "cifar_bin", "imagenet2012: tfds only"),
+    ("imagenet2012", "cifar_bin", r"use one of \[.tfds., .imagenet_folder.\]"),
 ])
 def test_bad_dataset_or_source(dataset, source, match):
     with pytest.raises(ValueError, match=match):
