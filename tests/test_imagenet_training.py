@@ -2,13 +2,15 @@
 
 Both stages (BAS, then FGC with k-NN positives from the first FGC epoch) on the 8 virtual
 CPU devices; SIGTERM in the FGC stage and the same call again equal an uninterrupted run bit
-for bit (kill -9 at any moment is tests/test_reliability.py's, on any config); then evaluation (per-example MACs, pictures) and compare on its workdir.
-At CI size the network is the config's own data path, schedule and banks with a depth-8
+for bit (kill -9 at any moment is tests/test_reliability.py's, on any config); then evaluation
+(per-example MACs, pictures) and compare on its workdir; a training set of another size is
+refused before resuming. At CI size the network is the config's own data path, schedule and banks with a depth-8
 CIFAR-style ResNet at 32 px (ResNet-18 itself takes minutes to compile on 2 cores; its run
 is the README's longer one). Oracles: the uninterrupted run, the MACs accounting's dense
 figure, the sample's sizes.
 """
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,7 +21,7 @@ import pytest
 
 from configs import resnet18_imagenet
 from conftest import CIFAR_MINI
-from fgc_jax import compare, evaluate, train
+from fgc_jax import checkpointing, compare, evaluate, train
 from fgc_jax.data import imagenet_sample
 from test_reliability import assert_same_arrays, metric_rows, read_state
 
@@ -93,3 +95,11 @@ def test_both_stages_stop_resume_evaluate_compare(folder, tmp_path):
         assert (workdir / "eval" / picture).stat().st_size > 0
     table = compare.format_table(["stopped"], [compare.read_report(str(workdir))])
     assert "stopped" in table and f"{100 * report['top1']:.2f}" in table
+
+    # One image fewer: 193 rows pad to the same 200-row banks, yet the resume is refused.
+    smaller = tmp_path / "smaller"
+    shutil.copytree(folder, smaller)
+    next((smaller / "train").rglob("*.JPEG")).unlink()
+    with pytest.raises(checkpointing.CheckpointError, match=r"banks of 194 training examples, but "
+                       r"the imagenet2012 data configured now has 193"):
+        train.train_and_evaluate(tiny_config(smaller), str(workdir))
