@@ -15,7 +15,6 @@ import functools
 import importlib.util
 from typing import Any
 
-from etils import epath
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
@@ -76,7 +75,7 @@ def _check_preparation(data_dir: str | None, manual_dir: str) -> None:
             f" data_dir every host reads: `tfds build imagenet2012 --manual_dir={manual_dir}"
             " --data_dir=DATA_DIR --file_format=array_record`, then run with"
             " --config.data.dir=DATA_DIR and no --config.data.manual_dir")
-    missing = [t for t in IMAGENET_TARS if not (epath.Path(manual_dir) / t).exists()]
+    missing = [t for t in IMAGENET_TARS if not (tfds.core.Path(manual_dir) / t).exists()]
     if missing:
         raise FileNotFoundError(
             f"imagenet2012 is not prepared under {where} and config.data.manual_dir={manual_dir}"
