@@ -34,8 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.depth = 18  # spec §5: FGC is evaluated on ImageNet ResNet-18 and -34
 
     # Goyal et al. 2017 (Accurate, Large Minibatch SGD): lr 0.1 per 256 examples, scaled
-    # linearly with the global batch; 1024 = a TPU v3-8/v4-8 at 128 per chip (flax's
-    # ImageNet example uses the same rule).
+    # linearly with the global batch. 1024 is ours: 128 per device on 8 devices, divisible by
+    # every power-of-two device count up to 1024.
     config.batch_size = 1024
     config.eval_batch_size = 1024  # ours: any multiple of the device count gives the same result
     config.optimizer.learning_rate = 0.4  # 0.1 x 1024 / 256 (linear rule above)
