@@ -135,7 +135,7 @@ def scan(root: str, *, full: bool) -> list[str]:
     check = _decode_problem if full else _header_problem
     problems = []
     for split in SPLIT_DIRS:
-        problems += [p for p in pool().map(check, ImageFolder(root, split).paths, chunksize=256) if p]
+        problems += [p for p in pool().map(check, ImageFolder(root, split).paths) if p]
     return problems
 
 
