@@ -6,10 +6,15 @@ real ImageNet augmentation path with the tfds reader replaced by synthetic
 examples of typical ImageNet size (375x500), either as decoded arrays or as JPEG
 bytes decoded with PIL per example (what tfds does without OpenCV).
 
-  python benchmarks/input_pipeline.py [--cifar_dir DIR] [--seconds 3]
+With --imagenet_folder (an extracted ImageNet, e.g. the sample of
+`python -m fgc_jax.data.imagenet_sample`), the 224-px training path of the folder route
+(file read + JPEG decode + crop + resize + normalise) is timed with 1, 2, ... decoding threads.
+
+  python benchmarks/input_pipeline.py [--cifar_dir DIR] [--seconds 3] [--imagenet_folder DIR]
 """
 
 import argparse
+import concurrent.futures
 import functools
 import io
 import itertools
@@ -24,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from fgc_jax import input_pipeline
+from fgc_jax.data import common, tfds_source
 
 CIFAR_MINI = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
               / "cifar-10-batches-bin")
@@ -104,6 +110,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar_dir", default=str(CIFAR_MINI))
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--imagenet_folder", default="", help="extracted ImageNet (train/, val/)")
+    parser.add_argument("--threads", default="1,2", help="decoding thread counts (folder route)")
     args = parser.parse_args()
     rows = []
 
@@ -126,7 +134,7 @@ def main():
     for jpeg in (False, True):
         source = FakeImageNet(photos, jpeg)
         what = f"JPEG ({source.mean_bytes() / 1e3:.0f} kB) + decode" if jpeg else "decoded"
-        with mock.patch.object(input_pipeline, "_open_tfds", lambda *args: source):
+        with mock.patch.object(tfds_source, "open_split", lambda *args: source):
             loader = input_pipeline.TrainLoader(config, global_batch_size=64, process_index=0,
                                                 process_count=1)
             evals = functools.partial(input_pipeline.eval_batches, config, global_batch_size=64,
@@ -134,6 +142,16 @@ def main():
             rows.append(("imagenet2012", f"train 224, 375x500 {what}", 64,
                          rate(loader.batches, 64, args.seconds)))
             rows.append(("imagenet2012", f"eval 224, 375x500 {what}", 64, rate(evals, 64, args.seconds)))
+
+    if args.imagenet_folder:
+        config = make_config("imagenet2012", "imagenet_folder", args.imagenet_folder)
+        for threads in map(int, args.threads.split(",")):
+            with concurrent.futures.ThreadPoolExecutor(threads) as executor, \
+                    mock.patch.object(common, "pool", lambda: executor):
+                loader = input_pipeline.TrainLoader(config, global_batch_size=64, process_index=0,
+                                                    process_count=1)
+                rows.append(("imagenet2012", f"train 224, folder JPEG files, {threads} thread(s)", 64,
+                             rate(loader.batches, 64, args.seconds)))
 
     print(f"Input pipeline throughput, {os.cpu_count()} CPU cores, prefetch 2 (images/s)\n")
     print("| dataset | path | batch | images/s | train step consumes | ratio |")

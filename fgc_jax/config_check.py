@@ -56,7 +56,7 @@ _STR = ((lambda v: isinstance(v, str)), "a string")
 FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _int(0),
     "dataset": _choice(*sorted(input_pipeline._SPECS)),  # pylint: disable=protected-access
-    "data.source": _choice("tfds", "cifar_bin", "sklearn"),
+    "data.source": _choice("tfds", "cifar_bin", "sklearn", "imagenet_folder"),
     "data.dir": _STR,
     "data.manual_dir": _STR,
     "data.image_size": _int(1),

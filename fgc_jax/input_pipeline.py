@@ -11,23 +11,18 @@ each process keeps its contiguous slice. A batch is therefore a pure function of
 (config, step): resuming at step k reproduces an uninterrupted run bitwise, and
 the union of the processes' slices does not depend on the number of processes.
 
-Sources:
-  * `cifar_bin`: the standard CIFAR binary archives in `config.data.dir`.
-  * `tfds`: `tfds.data_source` (array_record, no TensorFlow needed). CIFAR is
-    read into memory once; ImageNet is read by index and decoded per batch.
-  * `sklearn`: scikit-learn's bundled 8x8 digits (offline quickstart).
+Sources (`config.data.source`, each in `fgc_jax.data`): `cifar_bin` and `sklearn`
+(digits) are read into memory once; `tfds` reads CIFAR into memory and ImageNet by
+index; `imagenet_folder` reads extracted ImageNet files by index. ImageNet is decoded
+per batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import math
-import os
-import pathlib
 import queue
 import threading
 from typing import Any
@@ -37,14 +32,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
 
 from fgc_jax import data_parallel
+from fgc_jax.data import cifar, common, digits, imagenet_folder, tfds_source
 
 Batch = dict[str, np.ndarray]
 
-# Digits: the first 1,437 of scikit-learn's 1,797 images train, the last 360 test.
-DIGITS_NUM_TRAIN = 1437
 # Mean/std of the digits train split after scaling 0..16 -> 0..255 -> [0, 1].
 DIGITS_MEAN = (0.3054,)
 DIGITS_STD = (0.3753,)
@@ -85,41 +78,8 @@ class _Spec:
 _SPECS = {
     "cifar10": _Spec(10, ("cifar_bin", "tfds"), "test", CIFAR10_MEAN, CIFAR10_STD, 4, True),
     "cifar100": _Spec(100, ("cifar_bin", "tfds"), "test", CIFAR100_MEAN, CIFAR100_STD, 4, True),
-    "imagenet2012": _Spec(1000, ("tfds",), "validation", IMAGENET_MEAN, IMAGENET_STD),
+    "imagenet2012": _Spec(1000, ("tfds", "imagenet_folder"), "validation", IMAGENET_MEAN, IMAGENET_STD),
     "digits": _Spec(10, ("sklearn",), "test", DIGITS_MEAN, DIGITS_STD, 1, False),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _BinaryLayout:
-    """The CIFAR binary format: records of `header` label bytes + 3072 CHW pixel bytes."""
-
-    subdir: str
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    header: int  # Label bytes per record; the last one is the (fine) label.
-    url: str
-
-    @property
-    def record_bytes(self) -> int:
-        return self.header + 32 * 32 * 3
-
-
-_BINARY_LAYOUTS = {
-    "cifar10": _BinaryLayout(
-        "cifar-10-batches-bin",
-        tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
-        ("test_batch.bin",),
-        1,
-        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-    ),
-    "cifar100": _BinaryLayout(
-        "cifar-100-binary",
-        ("train.bin",),
-        ("test.bin",),
-        2,
-        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
-    ),
 }
 
 
@@ -149,7 +109,7 @@ def _spec(config: ml_collections.ConfigDict) -> _Spec:
         raise ValueError(
             f"config.data.source={source!r} cannot serve config.dataset={name!r}; use one of"
             f" {list(spec.sources)} (cifar_bin: CIFAR-10/100 only; sklearn: digits only;"
-            " imagenet2012: tfds only)."
+            " imagenet_folder: imagenet2012 only)."
         )
     if not isinstance(config.data.prefetch, int) or config.data.prefetch < 0:
         raise ValueError(f"config.data.prefetch must be an int >= 0, got {config.data.prefetch!r}.")
@@ -158,142 +118,25 @@ def _spec(config: ml_collections.ConfigDict) -> _Spec:
     return spec
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"Labels in {where} span [{labels.min()}, {labels.max()}], outside [0, {num_classes});"
-            " the files are corrupt or belong to another dataset (check config.dataset)."
-        )
-
-
-def _binary_files(config: ml_collections.ConfigDict, split: str) -> list[pathlib.Path]:
-    """The CIFAR binary files of `split`, checked for presence and whole records."""
-    layout = _BINARY_LAYOUTS[config.dataset]
-    how = (
-        f"Download {layout.url}, extract it and set config.data.dir to the {layout.subdir!r}"
-        " directory (or its parent), or use config.data.source='tfds'."
-    )
-    if not config.data.dir:
-        raise ValueError(f'config.data.source="cifar_bin" needs config.data.dir. {how}')
-    root = pathlib.Path(config.data.dir).expanduser()
-    if (root / layout.subdir).is_dir():
-        root = root / layout.subdir
-    names = layout.train_files if split == "train" else layout.test_files
-    missing = [n for n in names if not (root / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{config.dataset} binary files {missing} not found in {root}. {how}"
-        )
-    paths = [root / n for n in names]
-    for path in paths:
-        size = path.stat().st_size
-        if size == 0 or size % layout.record_bytes:
-            raise ValueError(
-                f"{path} has {size} bytes, not a positive multiple of the"
-                f" {layout.record_bytes}-byte {config.dataset} record: the file is truncated"
-                f" or of another format. {how}"
-            )
-    return paths
-
-
-@functools.lru_cache(maxsize=4)
-def _read_binary(paths: tuple[pathlib.Path, ...], dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads CIFAR binary files into uint8 NHWC images and int32 labels, in file order."""
-    layout = _BINARY_LAYOUTS[dataset]
-    records = np.concatenate([np.fromfile(p, np.uint8) for p in paths])
-    records = records.reshape(-1, layout.record_bytes)
-    labels = records[:, layout.header - 1].astype(np.int32)
-    _check_labels(labels, _SPECS[dataset].num_classes, ", ".join(map(str, paths)))
-    images = records[:, layout.header :].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return _frozen(np.ascontiguousarray(images)), _frozen(labels)
-
-
-def _open_tfds(
-    name: str, split: str, data_dir: str, manual_dir: str
-) -> Sequence[Mapping[str, Any]]:
-    """Opens a tfds split for random access; prepares it from `manual_dir` when given."""
-    data_dir = data_dir or None
-    try:
-        return tfds.data_source(
-            name,
-            split=split,
-            data_dir=data_dir,
-            download=bool(manual_dir),
-            builder_kwargs={"file_format": "array_record"},
-            download_and_prepare_kwargs={
-                "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-            },
-        )
-    except Exception as e:  # tfds raises many types here; all mean "not available".
-        if name == "imagenet2012":
-            how = (
-                "Put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a directory and set"
-                " config.data.manual_dir to it (the first run then prepares the data), or run"
-                " `tfds build imagenet2012 --manual_dir=DIR --file_format=array_record` once."
-            )
-        else:
-            how = (
-                f"Run `tfds build {name} --file_format=array_record` once on a machine with"
-                " internet access, or use config.data.source='cifar_bin' with the binary archive."
-            )
-        raise FileNotFoundError(
-            f"tfds {name}[{split}] is not available as array_record under data_dir="
-            f"{data_dir or 'the tfds default (~/tensorflow_datasets)'}: {e}\n{how}"
-        ) from e
-
-
-@functools.lru_cache(maxsize=4)
-def _read_tfds(
-    name: str, split: str, data_dir: str, manual_dir: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a small tfds split (CIFAR) into memory in split order."""
-    source = _open_tfds(name, split, data_dir, manual_dir)
-    examples = list(_pool().map(source.__getitem__, range(len(source))))
-    images = np.stack([ex["image"] for ex in examples])
-    labels = np.array([ex["label"] for ex in examples], np.int32)
-    _check_labels(labels, _SPECS[name].num_classes, f"tfds {name}[{split}]")
-    return _frozen(images), _frozen(labels)
-
-
-@functools.lru_cache(maxsize=2)
-def _read_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as uint8 [N, 8, 8, 1] in 0..255; deterministic split."""
-    from sklearn.datasets import load_digits  # Here: only the quickstart needs scikit-learn.
-
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int32)
-    part = slice(None, DIGITS_NUM_TRAIN) if split == "train" else slice(DIGITS_NUM_TRAIN, None)
-    return _frozen(images[part]), _frozen(labels[part])
-
-
-def _frozen(x: np.ndarray) -> np.ndarray:
-    """Marks a cached array read-only, so no caller can alter the shared copy."""
-    x.flags.writeable = False
-    return x
-
-
 def _in_memory(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A whole split as (uint8 NHWC images, int32 labels), loaded once per process."""
     if config.data.source == "cifar_bin":
-        return _read_binary(tuple(_binary_files(config, split)), config.dataset)
+        return cifar.read(config, split)
     if config.data.source == "sklearn":
-        return _read_digits(split)
-    return _read_tfds(config.dataset, split, config.data.dir, config.data.manual_dir)
-
+        return digits.read(split)
+    return tfds_source.read(config.dataset, split, config.data.dir, config.data.manual_dir,
+                            _SPECS[config.dataset].num_classes)
 
 
 def check_labels(config: ml_collections.ConfigDict) -> None:
-    """Loads both splits of an in-memory dataset (CIFAR, digits), checking every label, so bad
-    files fail before any training; ImageNet's labels are checked as its batches are decoded."""
-    if config.dataset != "imagenet2012":
+    """Checks the data before any training: loads both splits of an in-memory dataset (CIFAR,
+    digits), checking every label; opens every file header of an ImageNet folder. tfds ImageNet's
+    labels are checked as its batches are decoded."""
+    if config.data.source == "imagenet_folder":
+        imagenet_folder.check_headers(config.data.dir)
+    elif config.dataset != "imagenet2012":
         for split in ("train", _spec(config).test_split):
             _in_memory(config, split)
-
-@functools.cache
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for decoding and per-example transforms (PIL and NumPy release the GIL)."""
-    return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "fgc_input")
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -305,20 +148,20 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     spec = _spec(config)
     name = config.dataset
     if config.data.source == "cifar_bin":
-        record = _BINARY_LAYOUTS[name].record_bytes
-        num_train, num_test = (
-            sum(p.stat().st_size for p in _binary_files(config, split)) // record
-            for split in ("train", "test")
-        )
+        num_train, num_test = (cifar.num_examples(config, split) for split in ("train", "test"))
     elif config.data.source == "sklearn":
-        num_train, num_test = DIGITS_NUM_TRAIN, 1797 - DIGITS_NUM_TRAIN
+        num_train, num_test = digits.NUM_TRAIN, digits.NUM_EXAMPLES - digits.NUM_TRAIN
     else:
-        num_train, num_test = (
-            len(_open_tfds(name, split, config.data.dir, config.data.manual_dir))
-            for split in ("train", spec.test_split)
-        )
+        num_train, num_test = (len(_random_access(config, split)) for split in ("train", spec.test_split))
     shape, num_classes = input_spec(config)
     return DatasetInfo(name, num_train, num_test, num_classes, shape)
+
+
+def _random_access(config: ml_collections.ConfigDict, split: str) -> Sequence[Mapping[str, Any]]:
+    """ImageNet's `split`, examples {'image': uint8 HWC, 'label'} read and decoded by index."""
+    if config.data.source == "imagenet_folder":
+        return imagenet_folder.ImageFolder(config.data.dir, split)
+    return tfds_source.open_split(config.dataset, split, config.data.dir, config.data.manual_dir)
 
 
 def input_spec(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
@@ -435,8 +278,8 @@ class _DecodedPipeline:
             labels[k] = example["label"]
             images[k] = self._normalise(crop(k, example["image"]))
 
-        list(_pool().map(one, range(len(indices))))
-        _check_labels(labels, self._spec.num_classes, "tfds imagenet2012")
+        list(common.pool().map(one, range(len(indices))))
+        common.check_labels(labels, self._spec.num_classes, "imagenet2012")
         return images, labels
 
     def _resize(self, image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
@@ -466,8 +309,7 @@ class _DecodedPipeline:
 def _pipeline(config: ml_collections.ConfigDict, split: str) -> _ArrayPipeline | _DecodedPipeline:
     spec = _spec(config)
     if config.dataset == "imagenet2012":
-        source = _open_tfds(config.dataset, split, config.data.dir, config.data.manual_dir)
-        return _DecodedPipeline(source, spec, config.data.image_size)
+        return _DecodedPipeline(_random_access(config, split), spec, config.data.image_size)
     return _ArrayPipeline(*_in_memory(config, split), spec)
 
 

@@ -317,10 +317,27 @@ def initialise_from(source: str, trainer: Trainer, state: TrainState) -> TrainSt
         batch_stats=variables["batch_stats"], banks=banks), trainer.shardings)
 
 
-def _checkpoint_meta(config, step: int, steps_per_epoch: int) -> dict[str, Any]:
+def _checkpoint_meta(config, step: int, steps_per_epoch: int, num_train: int) -> dict[str, Any]:
     return {"model": checkpointing.model_identity(config), "step": step,
             "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-            "batch_size": config.batch_size, "seed": config.seed}
+            "batch_size": config.batch_size, "seed": config.seed, "num_train": num_train}
+
+
+def _check_bank_rows(manager, info: input_pipeline.DatasetInfo) -> None:
+    """Stops, in one line, a resume whose newest checkpoint's banks hold one row per example of
+    another training set (padding to the device count could hide it from the shapes)."""
+    steps = manager.all_steps()
+    if not steps:
+        return
+    try:
+        rows = checkpointing.read_meta(manager, max(steps)).get("num_train")
+    except checkpointing.CheckpointError:
+        return  # an unreadable checkpoint is restore_newest_good's to report
+    if rows is not None and rows != info.num_train:
+        raise checkpointing.CheckpointError(
+            f"checkpoint {max(steps)} in {manager.directory} holds memory banks of {rows} training "
+            f"examples, but the {info.name} data configured now has {info.num_train}; point "
+            f"config.data at the data it was trained on, or use another --workdir")
 
 
 def _flush_metrics(pending: list[dict[str, Array]], step: int, clock: console.StepClock, batch_size: int,
@@ -393,6 +410,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
 
     manager = checkpointing.create_manager(workdir, config)
     try:
+        _check_bank_rows(manager, info)
         resumed = checkpointing.restore_newest_good(manager, trainer.abstract_state, config, workdir)
         if resumed is not None:
             state, _, latest = resumed
@@ -441,7 +459,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
 
     def checkpoint(step: int, metrics: Mapping[str, float] | None = None) -> None:
         nonlocal last_checkpoint
-        meta = _checkpoint_meta(config, step, steps_per_epoch)
+        meta = _checkpoint_meta(config, step, steps_per_epoch, trainer.info.num_train)
         try:
             checkpointing.save(manager, step, state, meta, metrics)
         except FloatingPointError as e:

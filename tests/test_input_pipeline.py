@@ -16,6 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fgc_jax import input_pipeline
+from fgc_jax.data import tfds_source
 
 TRAIN_COUNTS = [517, 524, 490, 493, 537, 475, 503, 516, 529, 501]
 TEST_COUNTS = [105, 93, 100, 104, 92, 87, 114, 102, 110, 110]
@@ -233,7 +234,7 @@ def test_to_global_shards_the_batch():
     ("cifar10", "csv", "cannot serve"),
     ("cifar10", "sklearn", "sklearn: digits only"),
     ("digits", "cifar_bin", "cannot serve"),
-    ("imagenet2012", "cifar_bin", "imagenet2012: tfds only"),
+    ("imagenet2012", "cifar_bin", r"use one of \[.tfds., .imagenet_folder.\]"),
 ])
 def test_bad_dataset_or_source(dataset, source, match):
     with pytest.raises(ValueError, match=match):
@@ -386,7 +387,7 @@ def test_digits_offline():
 def test_errors_in_the_prefetch_thread_reach_the_consumer(monkeypatch):
     image = np.zeros((40, 50, 3), np.uint8)
     source = [{"image": image, "label": np.int64(label)} for label in (1, 999, 1000, 2)]
-    monkeypatch.setattr(input_pipeline, "_open_tfds", lambda *args: source)
+    monkeypatch.setattr(tfds_source, "open_split", lambda *args: source)
     config = make_config("imagenet2012", "tfds", image_size=16)
     batches = input_pipeline.TrainLoader(config, global_batch_size=4, process_index=0,
                                          process_count=1).batches()
