@@ -12,7 +12,8 @@ each process keeps its contiguous slice. A batch is therefore a pure function of
 the union of the processes' slices does not depend on the number of processes.
 
 Sources:
-  * `cifar_bin`: the standard CIFAR binary archives in `config.data.dir`.
+  * `cifar_bin`: the standard CIFAR binary archives in `config.data.dir`, downloaded and
+    verified there on first use (`fgc_jax/data/cifar_download.py`).
   * `tfds`: `tfds.data_source` (array_record, no TensorFlow needed). CIFAR is
     read into memory once; ImageNet is read by index and decoded per batch.
   * `sklearn`: scikit-learn's bundled 8x8 digits (offline quickstart).
@@ -40,6 +41,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from fgc_jax import data_parallel
+from fgc_jax.data import cifar_download
 
 Batch = dict[str, np.ndarray]
 
@@ -98,7 +100,6 @@ class _BinaryLayout:
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
     header: int  # Label bytes per record; the last one is the (fine) label.
-    url: str
 
     @property
     def record_bytes(self) -> int:
@@ -111,14 +112,12 @@ _BINARY_LAYOUTS = {
         tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
         ("test_batch.bin",),
         1,
-        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
     ),
     "cifar100": _BinaryLayout(
         "cifar-100-binary",
         ("train.bin",),
         ("test.bin",),
         2,
-        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
     ),
 }
 
@@ -167,17 +166,16 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
 
 
 def _binary_files(config: ml_collections.ConfigDict, split: str) -> list[pathlib.Path]:
-    """The CIFAR binary files of `split`, checked for presence and whole records."""
+    """The CIFAR binary files of `split` (fetched on first use), checked for presence and whole
+    records."""
     layout = _BINARY_LAYOUTS[config.dataset]
     how = (
-        f"Download {layout.url}, extract it and set config.data.dir to the {layout.subdir!r}"
-        " directory (or its parent), or use config.data.source='tfds'."
+        f"Download {cifar_download.ARCHIVES[config.dataset].url}, extract it and set config.data.dir"
+        f" to the {layout.subdir!r} directory (or its parent), or use config.data.source='tfds'."
     )
-    if not config.data.dir:
-        raise ValueError(f'config.data.source="cifar_bin" needs config.data.dir. {how}')
-    root = pathlib.Path(config.data.dir).expanduser()
-    if (root / layout.subdir).is_dir():
-        root = root / layout.subdir
+    root = cifar_download.prepare(
+        config.dataset, config.data.dir, layout.train_files + layout.test_files,
+        url=config.data.download_url, sha256=config.data.download_sha256)
     names = layout.train_files if split == "train" else layout.test_files
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
