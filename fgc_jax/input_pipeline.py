@@ -100,6 +100,7 @@ class _BinaryLayout:
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
     header: int  # Label bytes per record; the last one is the (fine) label.
+    url: str
 
     @property
     def record_bytes(self) -> int:
@@ -112,12 +113,14 @@ _BINARY_LAYOUTS = {
         tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
         ("test_batch.bin",),
         1,
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
     ),
     "cifar100": _BinaryLayout(
         "cifar-100-binary",
         ("train.bin",),
         ("test.bin",),
         2,
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
     ),
 }
 
@@ -170,8 +173,8 @@ def _binary_files(config: ml_collections.ConfigDict, split: str) -> list[pathlib
     records."""
     layout = _BINARY_LAYOUTS[config.dataset]
     how = (
-        f"Download {cifar_download.ARCHIVES[config.dataset].url}, extract it and set config.data.dir"
-        f" to the {layout.subdir!r} directory (or its parent), or use config.data.source='tfds'."
+        f"Download {layout.url}, extract it and set config.data.dir to the {layout.subdir!r}"
+        " directory (or its parent), or use config.data.source='tfds'."
     )
     root = cifar_download.prepare(
         config.dataset, config.data.dir, layout.train_files + layout.test_files,

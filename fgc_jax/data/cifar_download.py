@@ -50,7 +50,7 @@ _TIMEOUT_S = 60  # a connection that sends nothing for this long counts as inter
 _CHUNK = 1 << 20
 
 
-class DownloadError(OSError):
+class DownloadError(FileNotFoundError):
     """The dataset is not on disk and could not be fetched; the message says what to do."""
 
 
@@ -195,12 +195,15 @@ def _fetch(url: str, part: pathlib.Path, have: int, path: pathlib.Path) -> None:
         size = f"{total / 1e6:.0f} MB" if total is not None else "size unknown"
         logging.info("Downloading %s to %s (%s%s)", url, part.parent, size,
                      f", resuming at {have / 1e6:.0f} MB" if have else "")
-        got, error = have, None
+        got, error, tenths = have, None, 10 * have // total if total else 0
         with open(part, "ab" if have else "wb") as f:
             try:
                 while chunk := response.read(_CHUNK):
                     f.write(chunk)
                     got += len(chunk)
+                    if total and 10 * got // total > tenths:
+                        tenths = 10 * got // total
+                        logging.info("  %d%% of %s", 10 * tenths, part.name.removesuffix(".part"))
             except (OSError, http.client.HTTPException) as e:  # reset, timeout, incomplete read
                 error = e
             f.flush()
