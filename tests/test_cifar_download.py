@@ -21,7 +21,7 @@ import pytest
 
 from conftest import CIFAR_MINI
 from configs import resnet20_cifar
-from fgc_jax import input_pipeline, train
+from fgc_jax import config_check, input_pipeline, train
 from fgc_jax.data import cifar_download
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -295,6 +295,16 @@ def test_official_archives_are_the_published_ones():
         assert archive.md5 == md5
         url, size, sha256, _ = (tfds_checksums / f"{dataset}.txt").read_text().split("\t")
         assert (archive.url, archive.size, archive.sha256) == (url, int(size), sha256)
+
+
+@pytest.mark.parametrize("value", ["c4a38c50", "g" * 64, " " + "0" * 64])
+def test_download_sha256_must_be_64_hex_digits(value):
+    config = resnet20_cifar.get_config()
+    config.data.download_sha256 = value
+    with pytest.raises(config_check.ConfigError, match="download_sha256"):
+        config_check.check_fields(config)
+    config.data.download_sha256 = "0123456789abcdefABCDEF" + "0" * 42
+    config_check.check_fields(config)
 
 
 def test_no_network_fails_training_before_anything_is_written(tmp_path):
