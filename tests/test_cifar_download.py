@@ -151,6 +151,12 @@ def test_a_given_copy_is_used_as_it_is(tmp_path):
     assert prepare(CIFAR_MINI.parent, unreachable_url()) == CIFAR_MINI
 
 
+def test_an_object_store_dir_is_refused():
+    with pytest.raises(cifar_download.DownloadError, match="gs://bucket/cifar is not a local directory"):
+        prepare("gs://bucket/cifar", unreachable_url())
+    assert not pathlib.Path("gs:").exists()
+
+
 @pytest.mark.parametrize("dataset, name, files", [("cifar10", NAME, FILES),
                                                   ("cifar100", "cifar-100-binary.tar.gz", ("train.bin", "test.bin"))])
 def test_no_network_says_where_to_put_the_archive(tmp_path, dataset, name, files):

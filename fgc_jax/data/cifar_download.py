@@ -110,6 +110,9 @@ def prepare(dataset: str, data_dir: str, files: Sequence[str], *, url: str = "",
     Raises `DownloadError` (one line) when the data can be neither found nor fetched.
     """
     archive = ARCHIVES[dataset]
+    if "://" in data_dir:
+        raise DownloadError(f"config.data.dir={data_dir} is not a local directory, which the cifar_bin "
+                            f"source needs (leave it '' to fetch {dataset} into {default_dir()})")
     root = pathlib.Path(data_dir).expanduser() if data_dir else default_dir()
     if (found := _holding(root, archive.folder, files)) is not None:
         return found
