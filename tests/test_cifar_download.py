@@ -165,7 +165,7 @@ def test_no_network_says_where_to_put_the_archive(tmp_path, dataset, name, files
         cifar_download.prepare(dataset, str(tmp_path / "data"), files, url=url)
     message = str(error.value)
     assert "\n" not in message
-    assert f"fetch {url}" in message and f"put it at {tmp_path / 'data' / name}" in message
+    assert f"download {url}" in message and f"put it at {tmp_path / 'data' / name}" in message
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [f".{name}.lock"]
 
 

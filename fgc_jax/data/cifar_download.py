@@ -127,7 +127,7 @@ def prepare(dataset: str, data_dir: str, files: Sequence[str], *, url: str = "",
         if (found := _holding(root, archive.folder, files)) is not None:  # fetched meanwhile
             return found
         if path.is_file():  # put there by hand, or downloaded by a run stopped before extracting
-            _check(path, expected, f"{path}")
+            _check(path, expected)
         else:
             _download(url or archive.url, path, expected)
         _extract(path, root, archive.folder, files)
@@ -160,8 +160,8 @@ def _locked(path: pathlib.Path) -> Iterator[None]:
 
 
 def _by_hand(url: str, path: pathlib.Path) -> str:
-    return (f"Without network access here, fetch {url} elsewhere and put it at {path}: the next "
-            "run checks and extracts it (or set config.data.download_url to a reachable mirror)")
+    return (f"To fetch it by hand, download {url} on a machine with access and put it at {path}: "
+            "the next run checks and extracts it (or set config.data.download_url to a reachable mirror)")
 
 
 def _download(url: str, path: pathlib.Path, expected: _Expected) -> None:
@@ -227,7 +227,7 @@ def _digests(path: pathlib.Path) -> tuple[int, str, str]:
     return path.stat().st_size, sha256.hexdigest(), md5.hexdigest()
 
 
-def _check(path: pathlib.Path, expected: _Expected, origin: str) -> None:
+def _check(path: pathlib.Path, expected: _Expected, origin: str = "") -> None:
     """Deletes `path` and raises unless it has the expected size and digests."""
     size, sha256, md5 = _digests(path)
     wrong = []
@@ -239,8 +239,10 @@ def _check(path: pathlib.Path, expected: _Expected, origin: str) -> None:
         wrong.append(f"md5 expected {expected.md5}, got {md5}")
     if wrong:
         path.unlink()
-        raise DownloadError(f"{path} (from {origin}) failed its check: {'; '.join(wrong)}. It was "
-                            "deleted: the next run downloads it afresh")
+        source = f" (from {origin})" if origin else ""
+        raise DownloadError(f"{path}{source} failed its check: {'; '.join(wrong)}. It was deleted: the "
+                            "next run downloads it afresh (should that fail the same way, the source "
+                            "serves another file: check config.data.download_url)")
 
 
 def _extract(path: pathlib.Path, root: pathlib.Path, folder: str, files: Sequence[str]) -> None:
