@@ -3,6 +3,7 @@
 (`cifar-10-batches-bin/` at its top): download, checks, resume, atomic extraction, one-line
 failures that leave nothing a later run would trust, one download for concurrent processes,
 and the main command training from it on a fresh cache."""
+import functools
 import hashlib
 import http.server
 import io
@@ -42,18 +43,22 @@ def pack(files):
 
 
 RECORDS = 128  # of each file of cifar10-mini, so that the archive and a run on it are small
-CONTENTS = {}  # what the archive holds: name -> bytes
+
+
+@functools.cache
+def contents():
+    """What the test archive holds (name -> bytes): the first RECORDS records of each file of
+    cifar10-mini (real CIFAR-10 records) and its batches.meta.txt."""
+    files = {name: (CIFAR_MINI / name).read_bytes()[:RECORDS * 3073] for name in FILES}
+    return {**files, "batches.meta.txt": (CIFAR_MINI / "batches.meta.txt").read_bytes()}
 
 
 @pytest.fixture(scope="module")
 def archive():
-    """(bytes, sha256) of the first RECORDS records of each file of cifar10-mini (real CIFAR-10
-    records) and its batches.meta.txt, packed as cifar-10-binary.tar.gz."""
+    """(bytes, sha256) of `contents()` packed as cifar-10-binary.tar.gz."""
     if not CIFAR_MINI.is_dir():
         pytest.skip(f"{CIFAR_MINI} not found (../shared is absent)")
-    CONTENTS.update({name: (CIFAR_MINI / name).read_bytes()[:RECORDS * 3073] for name in FILES})
-    CONTENTS["batches.meta.txt"] = (CIFAR_MINI / "batches.meta.txt").read_bytes()
-    data = pack(CONTENTS)
+    data = pack(contents())
     return data, hashlib.sha256(data).hexdigest()
 
 
@@ -100,7 +105,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = Server()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield httpd
     httpd.shutdown()
@@ -122,7 +127,7 @@ def prepare(data_dir, url, sha256=""):
 def assert_extracted(folder):
     """The extracted folder holds what was packed, byte for byte, and nothing else."""
     assert folder.name == FOLDER
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == CONTENTS
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == contents()
 
 
 def trusted_leftovers(data_dir):
