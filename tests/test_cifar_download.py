@@ -19,10 +19,11 @@ import threading
 import time
 
 import pytest
+import tensorflow_datasets as tfds
 
 from conftest import CIFAR_MINI
 from configs import resnet20_cifar
-from fgc_jax import config_check, input_pipeline, train
+from fgc_jax import config_check, train
 from fgc_jax.data import cifar_download
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -299,7 +300,7 @@ def test_default_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
 def test_official_archives_are_the_published_ones():
     # The dataset page's MD5s (https://www.cs.toronto.edu/~kriz/cifar.html); SHA-256 and size as
     # tensorflow_datasets records them for the same URLs.
-    tfds_checksums = pathlib.Path(input_pipeline.tfds.__file__).parent / "url_checksums"
+    tfds_checksums = pathlib.Path(tfds.__file__).parent / "url_checksums"
     for dataset, md5 in [("cifar10", "c32a1d4ab5d03f1284b67883e8d87530"),
                          ("cifar100", "03b5dce01913d631647c71ecec9e9cb8")]:
         archive = cifar_download.ARCHIVES[dataset]
