@@ -41,7 +41,7 @@ def make_config(dataset, source, data_dir="", image_size=224):
     return ml_collections.ConfigDict({
         "dataset": dataset, "seed": 0,
         "data": {"source": source, "dir": str(data_dir), "manual_dir": "", "prefetch": 2,
-                 "image_size": image_size},
+                 "image_size": image_size, "download_url": "", "download_sha256": ""},
     })
 
 

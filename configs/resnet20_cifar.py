@@ -1,8 +1,9 @@
 """FGC on CIFAR-10 with a gated ResNet-20: the reference defaults of FGC_SPEC.md §2-§3.
 
     python -m fgc_jax.main --config=configs/resnet20_cifar.py --workdir=/tmp/fgc_r20
-Switch to CIFAR-100 with `--config.dataset=cifar100`; read a local binary copy with
-`--config.data.source=cifar_bin --config.data.dir=/path/to/cifar-10-batches-bin`.
+Switch to CIFAR-100 with `--config.dataset=cifar100`. The first run downloads and checks the
+dataset's binary archive (into ~/.cache/fgc_jax/datasets); read a local copy instead with
+`--config.data.dir=/path/to/cifar-10-batches-bin`.
 """
 import ml_collections
 
@@ -14,8 +15,20 @@ def get_config() -> ml_collections.ConfigDict:
     # Data.
     config.dataset = "cifar10"  # 'cifar10' | 'cifar100' | 'imagenet2012' | 'digits'
     config.data = ml_collections.ConfigDict()
-    config.data.source = "tfds"  # 'tfds' | 'cifar_bin' (local cifar-10-batches-bin style dir) | 'sklearn'
-    config.data.dir = ""  # tfds data_dir ('' = tfds default) or the cifar_bin directory
+    # 'cifar_bin' (the CIFAR binary archives, downloaded on first use; no TensorFlow needed)
+    # | 'tfds' (array_record files built beforehand by `tfds build`) | 'sklearn' (digits)
+    config.data.source = "cifar_bin"
+    # cifar_bin: the directory holding cifar-10-batches-bin/ (or those files), where a missing
+    # archive is downloaded ('' = $XDG_CACHE_HOME/fgc_jax/datasets, else ~/.cache/fgc_jax/datasets);
+    # tfds: its data_dir ('' = the tfds default)
+    config.data.dir = ""
+    # cifar_bin's archive when data.dir lacks the files: '' = the dataset authors' own
+    # (https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz, or cifar-100-binary.tar.gz);
+    # a mirror's URL of that file keeps the official checks (size, published MD5, SHA-256)
+    config.data.download_url = ""
+    # The SHA-256 the downloaded archive must have instead ('' = the official archive's checks),
+    # for an archive packed elsewhere; 64 hex digits
+    config.data.download_sha256 = ""
     config.data.manual_dir = ""  # tfds manual_dir (ImageNet only)
     config.data.image_size = 32  # model input side; CIFAR images are used as they are
     config.data.prefetch = 2  # batches prepared ahead of the train step in a background thread

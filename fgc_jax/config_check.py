@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable
 
 import ml_collections
@@ -58,6 +59,9 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset": _choice(*sorted(input_pipeline._SPECS)),  # pylint: disable=protected-access
     "data.source": _choice("tfds", "cifar_bin", "sklearn", "imagenet_folder"),
     "data.dir": _STR,
+    "data.download_url": _STR,
+    "data.download_sha256": ((lambda v: isinstance(v, str) and re.fullmatch(r"([0-9a-fA-F]{64})?", v) is not None),
+                             "'' or a SHA-256 of 64 hex digits"),
     "data.manual_dir": _STR,
     "data.image_size": _int(1),
     "data.prefetch": _int(0),

@@ -145,6 +145,7 @@ def test_workdir_checkpoint_and_errors(tiny_setup, tmp_path):
         evaluate.run_evaluation(tiny_config(config.data.dir, depth=20), str(tmp_path / "o2"),
                                 workdir=str(tmp_path / "run"))
     missing = tiny_config(tmp_path / "nowhere")
+    missing.data.download_url = (tmp_path / "absent.tar.gz").as_uri()  # nor to be fetched
     with pytest.raises(evaluate.EvaluationError, match="test data is not available"):
         evaluate.run_evaluation(missing, str(tmp_path / "o3"), workdir=str(tmp_path / "run"))
 

@@ -127,14 +127,6 @@ def test_bad_settings_fail_before_compiling(tmp_path, overrides, message):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_missing_dataset_says_how_to_get_it(tmp_path):
-    config = resnet20_cifar.get_config()
-    config.data.source = "cifar_bin"
-    config.data.dir = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="cifar"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
-
-
 def main_command(workdir, *overrides):
     return [sys.executable, "-m", "fgc_jax.main", "--config=configs/quickstart.py",
             f"--workdir={workdir}", *overrides]

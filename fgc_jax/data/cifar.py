@@ -12,6 +12,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from fgc_jax.data import cifar_download
 from fgc_jax.data.common import check_labels, frozen
 
 
@@ -23,7 +24,6 @@ class BinaryLayout:
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
     header: int  # Label bytes per record; the last one is the (fine) label.
-    url: str
     num_classes: int
 
     @property
@@ -37,7 +37,6 @@ LAYOUTS = {
         tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
         ("test_batch.bin",),
         1,
-        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
         10,
     ),
     "cifar100": BinaryLayout(
@@ -45,27 +44,25 @@ LAYOUTS = {
         ("train.bin",),
         ("test.bin",),
         2,
-        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
         100,
     ),
 }
 
 
 def binary_files(config: ml_collections.ConfigDict, split: str) -> list[pathlib.Path]:
-    """The CIFAR binary files of `split`, checked for presence and whole records.
+    """The CIFAR binary files of `split` (fetched on first use), checked for presence and whole
+    records.
 
     The one place that finds the files: `config.data.dir` or its `subdir`.
     """
     layout = LAYOUTS[config.dataset]
     how = (
-        f"Download {layout.url}, extract it and set config.data.dir to the {layout.subdir!r}"
-        " directory (or its parent), or use config.data.source='tfds'."
+        f"Download {cifar_download.ARCHIVES[config.dataset].url}, extract it and set config.data.dir"
+        f" to the {layout.subdir!r} directory (or its parent), or use config.data.source='tfds'."
     )
-    if not config.data.dir:
-        raise ValueError(f'config.data.source="cifar_bin" needs config.data.dir. {how}')
-    root = pathlib.Path(config.data.dir).expanduser()
-    if (root / layout.subdir).is_dir():
-        root = root / layout.subdir
+    root = cifar_download.prepare(
+        config.dataset, config.data.dir, layout.train_files + layout.test_files,
+        url=config.data.download_url, sha256=config.data.download_sha256)
     names = layout.train_files if split == "train" else layout.test_files
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
