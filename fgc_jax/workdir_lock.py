@@ -56,8 +56,9 @@ class WorkdirLock:
     def acquire(self) -> "WorkdirLock":
         """Takes the lock or raises `WorkdirBusyError` naming the holder; creates the workdir."""
         if storage.is_remote(self.path):
-            self._object = _ObjectLock(self.path)
-            self._object.acquire()
+            lock = _ObjectLock(self.path)
+            lock.acquire()
+            self._object = lock  # only once held: releasing must not delete another run's lock
             return self
         storage.path(self.path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # a local file: flock needs its fd
@@ -175,6 +176,8 @@ class _ObjectLock:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join()
+        if self._generation is None:
+            return
         try:
             self._blob.delete(if_generation_match=self._generation)
         except (self._errors.PreconditionFailed, self._errors.NotFound):
