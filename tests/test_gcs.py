@@ -24,9 +24,10 @@ import urllib.request
 
 import pytest
 
-from fgc_jax import storage, workdir_lock
+from fgc_jax import storage, train, workdir_lock
 from test_reliability import (REPO, assert_same_arrays, flags_for, main_command, metric_rows,  # noqa: F401
-                              read_state, straight, subprocess_env, tensorboard_scalars, wait_for)
+                              read_state, straight, subprocess_env, tensorboard_scalars, tiny_config,
+                              wait_for)
 from test_scale_out import TRAIN_FLAGS, Run, free_port
 
 BUCKET = "fgc-test"
@@ -112,9 +113,10 @@ def download_logs(url: str, local: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def gcs_run(gcs_emulator, tmp_path_factory):
+def gcs_run(gcs_emulator, straight, tmp_path_factory):
     """The tiny run of test_reliability in gs://BUCKET/run: killed with SIGKILL mid-run (once a
-    checkpoint and a few metric rows are in the bucket), then rerun to its end."""
+    checkpoint and a few metric rows are in the bucket), then rerun to its end. `straight` runs
+    first: its compilations fill the cache these runs read."""
     url = f"gs://{BUCKET}/run"
     command = main_command(url, *flags_for(checkpoint_every_steps=6, keep_checkpoints=2))
     process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
@@ -214,13 +216,13 @@ def test_evaluate_and_compare_read_the_run_from_the_bucket_and_write_there(gcs_r
                               f"--output={plane}"], cwd=REPO, env=subprocess_env(), capture_output=True,
                              text=True, timeout=120)
     assert compare.returncode == 0, compare.stderr[-3000:]
-    rows = [line.split() for line in compare.stdout.splitlines()[2:4]]
-    assert [r[0] for r in rows] == ["run", "run"]
-    assert float(rows[0][3]) == pytest.approx(100 * report["top1"], abs=0.005)
+    rows = compare.stdout.splitlines()[2:4]  # after the header and its rule: the two runs
+    assert all(row.startswith("run ") and f" {100 * report['top1']:.2f} " in row for row in rows), rows
     assert f"accuracy-vs-MACs plane: {plane}" in compare.stdout
     assert bucket().get_blob("compare/plane.png").download_as_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_two_processes_share_a_gs_workdir(gcs_emulator, tmp_path):
     url = f"gs://{BUCKET}/two_processes"
     # Run() keeps its logs beside its workdir argument; the later --workdir flag wins.
@@ -234,18 +236,20 @@ def test_two_processes_share_a_gs_workdir(gcs_emulator, tmp_path):
     assert "checkpoints/3/commit_success.txt" in on_bucket and "lock" not in on_bucket
     steps = [json.loads(line)["step"] for line in text(url + "/metrics.jsonl").splitlines()]
     assert steps == [1, 2, 3, 3]  # three training rows, then the evaluation at the end
-    _, step = read_state(url)
-    assert step == 3
 
 
-def test_bad_storage_is_one_error_line_before_any_work(gcs_emulator, monkeypatch):
-    result = subprocess.run(main_command(f"gs://no-such-bucket-{os.getpid()}/run", *flags_for()),
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: --workdir=gs://no-such-bucket-{os.getpid()}/run: the bucket "
-                        rf"gs://no-such-bucket-{os.getpid()} does not exist; .*", last), last
-    assert "Traceback" not in result.stderr and "compiling" not in result.stderr
+def test_bad_storage_is_one_error_before_any_work(gcs_emulator, monkeypatch):
+    """A StorageError is an OSError: the commands print it as one `error:` line (cli.py)."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the storage check must come first")
+
+    monkeypatch.setattr(train.input_pipeline, "dataset_info", no_work)
+    with pytest.raises(storage.StorageError, match=r"^--workdir=gs://no-such-bucket/run: the bucket "
+                                                   r"gs://no-such-bucket does not exist; "):
+        train.train_and_evaluate(tiny_config(), "gs://no-such-bucket/run")
+    with pytest.raises(storage.StorageError, match=r"^config.init_from=gs://no-such-bucket/bas: the bucket"):
+        train.train_and_evaluate(tiny_config(init_from="gs://no-such-bucket/bas"), f"gs://{BUCKET}/x")
+    assert names(f"gs://{BUCKET}/x") == []  # nothing written
 
     # No credentials (no emulator, a credentials file that is not there).
     monkeypatch.delenv("STORAGE_EMULATOR_HOST")
