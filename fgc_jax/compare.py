@@ -24,7 +24,11 @@ def read_report(path: str) -> dict[str, Any]:
     given = storage.path(path)
     for candidate in (given, given / REPORT_NAME, given / "eval" / REPORT_NAME):
         if candidate.is_file():
-            return json.loads(candidate.read_text(encoding="utf-8"))
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8"))  # data only
+            except ValueError as e:
+                raise ValueError(f"{candidate} is not an eval report (JSON) of fgc_jax.evaluate: "
+                                 f"{e}") from e
     raise FileNotFoundError(f"no {REPORT_NAME} in {path} (nor in {given / 'eval'}); "
                             "run `python -m fgc_jax.evaluate ... --output_dir=DIR` first")
 

@@ -123,7 +123,8 @@ def gcs_run(gcs_emulator, straight, tmp_path_factory):
                                stderr=subprocess.PIPE, text=True)
     try:
         def mid_run():
-            return text(url + "/metrics.jsonl").count("\n") >= 8 and "checkpoints/6/commit_success.txt" in names(url)
+            return (text(url + "/metrics.jsonl").count("\n") >= 8
+                    and "checkpoints/6/commit_success.txt" in names(url))
         killed = wait_for(mid_run, process, interval=0.5)
         if killed:
             process.send_signal(signal.SIGKILL)
@@ -254,7 +255,8 @@ def test_bad_storage_is_one_error_before_any_work(gcs_emulator, monkeypatch):
     # No credentials (no emulator, a credentials file that is not there).
     monkeypatch.delenv("STORAGE_EMULATOR_HOST")
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/credentials.json")
-    with pytest.raises(storage.StorageError, match=r"^--workdir=gs://fgc-test/run: no Google Cloud credentials"):
+    with pytest.raises(storage.StorageError, match=r"^--workdir=gs://fgc-test/run: no Google Cloud "
+                                                   r"credentials"):
         storage.check_usable(f"gs://{BUCKET}/run", "--workdir")
     # No network: nothing listens where the API should be.
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
