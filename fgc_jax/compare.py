@@ -20,7 +20,7 @@ REPORT_NAME = "eval_report.json"  # as fgc_jax.evaluate writes it
 def read_report(path: str) -> dict[str, Any]:
     """The eval report in `path` (a report file, an eval output dir, or a workdir with eval/);
     a local path or a gs:// URL."""
-    storage.check_usable(path, "run")
+    storage.check_usable(path, "run directory")
     given = storage.path(path)
     for candidate in (given, given / REPORT_NAME, given / "eval" / REPORT_NAME):
         if candidate.is_file():
