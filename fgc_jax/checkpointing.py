@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging as std_logging
-import os
 import time
 import weakref
 from typing import Any, Mapping
@@ -30,6 +29,8 @@ from absl import logging
 from jax import lax
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from fgc_jax import storage
 
 BEST_METRIC = "top1"
 QUARANTINE = "quarantine"
@@ -183,7 +184,7 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                            best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
                                            enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options,
+    return ocp.CheckpointManager(storage.path(workdir) / "checkpoints", options=options,
                                  item_names=("state", "meta"))
 
 
@@ -314,7 +315,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_state: Any,
             _quarantine(manager, [s for s, _ in bad], workdir)
             logging.error("RESUMING FROM OLDER CHECKPOINT %d: newer checkpoint(s) %s failed their check "
                           "and were moved to %s", step, [s for s, _ in bad],
-                          os.path.join(workdir, QUARANTINE))
+                          storage.path(workdir) / QUARANTINE)
         return state, meta, step
     if bad:
         raise CorruptCheckpointError(
@@ -327,12 +328,11 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_state: Any,
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int], workdir: str) -> None:
     """Moves checkpoints out of orbax's directory (so no later save reuses or deletes them)."""
     if jax.process_index() == 0:
-        target = os.path.join(workdir, QUARANTINE)
-        os.makedirs(target, exist_ok=True)
+        target = storage.path(workdir) / QUARANTINE
+        target.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        for step in steps:
-            os.rename(os.path.join(str(manager.directory), str(step)),
-                      os.path.join(target, f"{step}-{stamp}"))
+        for step in steps:  # on Cloud Storage a copy of every object, then their deletion
+            (storage.path(manager.directory) / str(step)).rename(target / f"{step}-{stamp}")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("fgc_jax_quarantine")
     manager.reload()
@@ -344,8 +344,8 @@ def restore_model_variables(workdir: str, step: int | None = None) -> tuple[dict
     For evaluation and for starting the FGC stage from a BAS-stage run; no template needed.
     The arrays are verified against the checkpoint's fingerprints.
     """
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = storage.path(workdir) / "checkpoints"
+    if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} holds no checkpoints (expected {directory}); "
                                 "train with `python -m fgc_jax.main --workdir=...` first")
     with ocp.CheckpointManager(directory, item_names=("state", "meta"),

@@ -8,35 +8,39 @@ Each DIR is an output directory of `python -m fgc_jax.evaluate` (it holds
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 from absl import app, flags
+
+from fgc_jax import storage
 
 REPORT_NAME = "eval_report.json"  # as fgc_jax.evaluate writes it
 
 
 def read_report(path: str) -> dict[str, Any]:
-    """The eval report in `path` (a report file, an eval output dir, or a workdir with eval/)."""
-    for candidate in (path, os.path.join(path, REPORT_NAME), os.path.join(path, "eval", REPORT_NAME)):
-        if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as f:
-                try:
-                    return json.load(f)  # data only: JSON builds dicts, lists, strings and numbers
-                except ValueError as e:
-                    raise ValueError(f"{candidate} is not an eval report (JSON) of fgc_jax.evaluate: "
-                                     f"{e}") from e
-    raise FileNotFoundError(f"no {REPORT_NAME} in {path} (nor in {os.path.join(path, 'eval')}); "
+    """The eval report in `path` (a report file, an eval output dir, or a workdir with eval/);
+    a local path or a gs:// URL."""
+    storage.check_usable(path, "run directory")
+    given = storage.path(path)
+    for candidate in (given, given / REPORT_NAME, given / "eval" / REPORT_NAME):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8"))  # data only
+            except ValueError as e:
+                raise ValueError(f"{candidate} is not an eval report (JSON) of fgc_jax.evaluate: "
+                                 f"{e}") from e
+    raise FileNotFoundError(f"no {REPORT_NAME} in {path} (nor in {given / 'eval'}); "
                             "run `python -m fgc_jax.evaluate ... --output_dir=DIR` first")
 
 
 def run_name(path: str) -> str:
-    path = os.path.normpath(path)
-    if os.path.basename(path) in (REPORT_NAME,):
-        path = os.path.dirname(path)
-    if os.path.basename(path) == "eval":
-        path = os.path.dirname(path)
-    return os.path.basename(path) or path
+    """The run's directory name: `path` without a trailing report file name or eval/."""
+    given = storage.path(path)
+    if given.name == REPORT_NAME:
+        given = given.parent
+    if given.name == "eval":
+        given = given.parent
+    return given.name or str(given)
 
 
 def format_table(names: Sequence[str], reports: Sequence[dict[str, Any]]) -> str:
@@ -63,12 +67,13 @@ def main(argv: Sequence[str]) -> None:
     names = [run_name(d) for d in dirs]
     print(format_table(names, reports))
     if flags.FLAGS.output:
+        storage.check_usable(flags.FLAGS.output, "--output")
         from fgc_jax import plots  # pylint: disable=import-outside-toplevel
 
         path = plots.accuracy_macs_plane(names, [r["mean_macs"] for r in reports],
                                          [r["top1"] for r in reports], flags.FLAGS.output,
                                          dense_macs=[r["dense_macs"] for r in reports])
-        print(f"accuracy-vs-MACs plane: {os.path.abspath(path)}")
+        print(f"accuracy-vs-MACs plane: {storage.display(path)}")
 
 
 if __name__ == "__main__":

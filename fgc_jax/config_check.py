@@ -10,13 +10,12 @@ adds what depends on the dataset's size and the device count. Both raise `Config
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Callable
 
 import ml_collections
 
-from fgc_jax import compilation, input_pipeline, memory_bank, torch_import
+from fgc_jax import compilation, input_pipeline, memory_bank, storage, torch_import
 from fgc_jax.models import COMPUTE_DTYPES, create_model, resolve_blocks
 
 
@@ -147,11 +146,16 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if config.init_from and not os.path.exists(config.init_from):
-        raise FileNotFoundError(f"config.init_from={config.init_from} does not exist (expected a "
-                                "workdir of a BAS-stage run or a PyTorch .pth)")
-    if config.init_from.endswith(torch_import.SUFFIXES) and not config.trust_pickled_code:
-        torch_import.read_torch_checkpoint(config.init_from)  # refuses a pickle naming code, running none
+    if config.init_from:
+        storage.check_usable(config.init_from, "config.init_from")
+        if storage.is_remote(config.init_from) and config.init_from.endswith(torch_import.SUFFIXES):
+            raise ConfigError(f"config.init_from={config.init_from}: a PyTorch checkpoint is read "
+                              "from a local file; copy it here first (gcloud storage cp)")
+        if not storage.path(config.init_from).exists():
+            raise FileNotFoundError(f"config.init_from={config.init_from} does not exist (expected "
+                                    "a workdir of a BAS-stage run or a PyTorch .pth)")
+        if config.init_from.endswith(torch_import.SUFFIXES) and not config.trust_pickled_code:
+            torch_import.read_torch_checkpoint(config.init_from)  # refuses a pickle naming code, running none
 
 
 def check_against_data(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,

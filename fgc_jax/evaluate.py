@@ -11,7 +11,6 @@ directory, and prints a summary. The evaluation itself is `fgc_jax.evaluation`.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 from absl import app, flags, logging
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fgc_jax import alignment, cli, data_parallel, input_pipeline, macs
+from fgc_jax import alignment, cli, data_parallel, input_pipeline, macs, storage
 from fgc_jax.evaluation import EvaluationError, evaluate_model
 from fgc_jax.models import resolve_blocks
 from fgc_jax.models.description import model_name
@@ -74,7 +73,8 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
     per = report.pop("per_example")
     fgc_blocks = resolve_blocks(config.fgc.blocks, cost.num_blocks) if cost.num_blocks else []
 
-    os.makedirs(output_dir, exist_ok=True)
+    out = storage.path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     pictures = []
     if cost.num_blocks:
         keep = _subset(report["num_examples"], alignment_max_examples)
@@ -83,26 +83,25 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
             per["label"][keep],
             ALIGNMENT_KS, fgc_blocks)
         pictures.append(plots.block_density(
-            report["block_density"], os.path.join(output_dir, "block_density.png"), fgc_blocks,
+            report["block_density"], str(out / "block_density.png"), fgc_blocks,
             f"{model_name(config)}: gate density per block"))
         for b in fgc_blocks:
             pictures.append(plots.class_channel_heatmap(
                 per["gate"][b], per["label"], info.num_classes,
-                os.path.join(output_dir, f"class_channel_gates_block{b}.png"),
+                str(out / f"class_channel_gates_block{b}.png"),
                 f"block {b} (FGC): mean gate per class and channel"))
     pictures.append(plots.macs_histogram(per["macs"], cost.dense_macs,
-                                         os.path.join(output_dir, "macs_histogram.png"),
+                                         str(out / "macs_histogram.png"),
                                          f"{model_name(config)}: per-example MACs"))
     report.update({"model": model_name(config), "source": source, "fgc_blocks": fgc_blocks,
-                   "cost": cost.summary(), "pictures": [os.path.basename(p) for p in pictures]})
+                   "cost": cost.summary(), "pictures": [storage.path(p).name for p in pictures]})
     if jax.process_index() == 0:
-        with open(os.path.join(output_dir, REPORT_NAME), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        storage.write_text(out / REPORT_NAME, json.dumps(report, indent=2))
         arrays = {k: per[k] for k in ("label", "prediction", "correct1", "correct5", "macs", "density")}
         for b in range(cost.num_blocks):
             arrays[f"log_alpha_{b}"] = per["log_alpha"][b]
             arrays[f"feature_{b}"] = per["feature"][b]
-        np.savez_compressed(os.path.join(output_dir, "per_example.npz"), **arrays)
+        storage.write_with(out / "per_example.npz", lambda f: np.savez_compressed(f, **arrays))
     return report
 
 
@@ -139,14 +138,17 @@ def main(argv: Sequence[str]) -> None:
     output_dir = f.output_dir
     if not output_dir:
         if f.workdir:
-            output_dir = os.path.join(f.workdir, "eval")
+            output_dir = str(storage.path(f.workdir) / "eval")
         else:
-            output_dir = "eval_" + os.path.splitext(os.path.basename(f.torch_checkpoint))[0]
+            output_dir = "eval_" + storage.path(f.torch_checkpoint).stem
+    for location, role in ((f.workdir, "--workdir"), (output_dir, "--output_dir")):
+        if location:
+            storage.check_usable(location, role)
     report = run_evaluation(f.config, output_dir, workdir=f.workdir, step=f.step,
                             torch_checkpoint=f.torch_checkpoint,
                             alignment_max_examples=f.alignment_max_examples)
     print(format_summary(report))
-    print(f"report and pictures in {os.path.abspath(output_dir)}: {REPORT_NAME}, "
+    print(f"report and pictures in {storage.display(output_dir)}: {REPORT_NAME}, "
           + ", ".join(report["pictures"]))
 
 

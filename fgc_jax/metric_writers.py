@@ -5,27 +5,32 @@ A run that resumes from step S first drops what an interrupted run wrote after S
 `metrics.jsonl` with a larger step are removed (the file is rewritten atomically), and the
 TensorBoard writer starts with `purge_step=S + 1`, which tells TensorBoard to discard that
 run's events from step S + 1 on. So the logs of a resumed run equal an uninterrupted run's.
+
+On Cloud Storage (`gs://` workdirs), whose objects cannot be appended to, `metrics.jsonl` is
+kept in memory and its object replaced whole at every write, as tensorboardX does with its
+`gs://` event files: each write uploads the whole log so far (about 0.5 kB a row).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Mapping
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
+
+from fgc_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def truncate_jsonl(path: str, last_step: int) -> int:
-    """Keeps the rows of `path` with step <= `last_step` (and drops a torn last line);
-    returns how many rows were removed."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+def truncate_jsonl(path: epath.Path, last_step: int) -> str:
+    """Keeps the rows of `path` with step <= `last_step` (and drops a torn last line), rewriting
+    it whole if any was dropped; returns the rows kept."""
+    if not path.exists():
+        return ""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
@@ -34,13 +39,8 @@ def truncate_jsonl(path: str, last_step: int) -> int:
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
     if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return len(lines) - len(kept)
+        storage.write_text(path, "".join(kept))
+    return "".join(kept)
 
 
 class MetricWriter:
@@ -53,11 +53,14 @@ class MetricWriter:
         self._active = jax.process_index() == 0
         if not self._active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, METRICS_FILE)
-        truncate_jsonl(path, start_step)
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
-        self._jsonl = open(path, "a", encoding="utf-8")
+        directory = storage.path(workdir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._path = directory / METRICS_FILE
+        kept = truncate_jsonl(self._path, start_step)
+        self._tensorboard = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
+        # Appended to on a local disk; rewritten whole from `_rows` on an object store.
+        self._rows = [kept] if storage.is_remote(workdir) else None
+        self._jsonl = None if storage.is_remote(workdir) else self._path.open("a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Appends one row to metrics.jsonl and one TensorBoard scalar per name."""
@@ -69,11 +72,17 @@ class MetricWriter:
             record[name] = value if math.isfinite(value) else str(value)
             self._tensorboard.add_scalar(name, value, int(step))
         self._tensorboard.flush()  # on disk before any checkpoint of a later step (kill -9 safe)
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        row = json.dumps(record) + "\n"
+        if self._jsonl is None:
+            self._rows.append(row)
+            storage.write_text(self._path, "".join(self._rows))
+        else:
+            self._jsonl.write(row)
+            self._jsonl.flush()
 
     def close(self) -> None:
         """Flushes and closes both outputs."""
         if self._active:
             self._tensorboard.close()
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()

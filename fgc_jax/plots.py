@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import matplotlib
@@ -16,11 +15,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fgc_jax import storage  # noqa: E402
+
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Writes `fig` as a PNG to `path` (a local path or gs:// URL); returns `path`."""
+    target = storage.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.write_with(target, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 

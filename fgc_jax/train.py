@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -27,8 +26,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fgc_jax import (checkpointing, compilation, config_check, console, cpu_workarounds, data_parallel,
-                     evaluation, input_pipeline, losses, macs, memory_bank, schedules, torch_import,
-                     workdir_lock)
+                     evaluation, input_pipeline, losses, macs, memory_bank, schedules, storage,
+                     torch_import, workdir_lock)
 from fgc_jax import variables as variables_lib
 from fgc_jax.data_parallel import AXIS
 from fgc_jax.metric_writers import MetricWriter
@@ -375,11 +374,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains `config` in `workdir` (resuming from its newest checkpoint that verifies) and
     evaluates; returns the last evaluation report.
 
-    Order: every config field is checked, then the data's labels, then the workdir is locked
-    (process 0), and only then is anything written or compiled. `preemption`: a SIGTERM flag
-    installed earlier by the caller (default: installed here).
+    Order: every config field is checked, then the workdir's storage (a gs:// bucket must be
+    reachable), the data's labels, then the workdir is locked (process 0), and only then is
+    anything written or compiled. `preemption`: a SIGTERM flag installed earlier by the caller
+    (default: installed here).
     """
     config_check.check_fields(config)
+    storage.check_usable(workdir, "--workdir")
     own_flag = preemption is None
     preemption = preemption or PreemptionFlag()
     lock = workdir_lock.WorkdirLock(workdir)
@@ -423,8 +424,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, info: input_pipeline
                              config.init_from, int(state.step), int(state.step) // steps_per_epoch)
         start_step = int(jax.device_get(state.step))
         if jax.process_index() == 0:  # only now: a rejected checkpoint leaves the old config.json
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            storage.write_text(storage.path(workdir) / "config.json",
+                               config.to_json_best_effort(indent=2))
         report = _loop(config, workdir, trainer, manager, loader, state, start_step, total_steps,
                        resumed[2] if resumed else None, cost, preemption)
     except BaseException:
@@ -498,7 +499,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
             phase = schedules.phase(config, epoch)
             batch = input_pipeline.to_global(next(batches), mesh)
             if step == profile_start:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                jax.profiler.start_trace(str(storage.path(workdir) / "profile"))
                 tracing = True
             timed = phase in compiled and not saving
             if phase not in compiled:
@@ -522,7 +523,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
                 jax.profiler.stop_trace()
                 tracing = False
                 logging.info("wrote a profile of steps %d-%d to %s", profile_start + 1, profile_stop,
-                             os.path.join(workdir, "profile"))
+                             storage.path(workdir) / "profile")
             epoch_end = done % steps_per_epoch == 0
             stop = (preemption.raised() or manager.reached_preemption(done)) and done < total_steps
             wants_checkpoint = epoch_end or done % config.checkpoint_every_steps == 0 or stop

@@ -12,7 +12,7 @@ from flax import traverse_util
 import ml_collections
 import numpy as np
 
-from fgc_jax import checkpointing, torch_import
+from fgc_jax import checkpointing, storage, torch_import
 from fgc_jax.evaluation import EvaluationError
 from fgc_jax.models.description import describe_flax_params, describe_torch_state_dict, model_name
 
@@ -73,6 +73,6 @@ def load_variables(config: ml_collections.ConfigDict, template: Mapping[str, Any
                 os.path.abspath(torch_checkpoint))
 
     variables, restored_step = checkpointing.restore_model_variables(workdir, step)
-    source = f"{os.path.abspath(os.path.join(workdir, 'checkpoints'))} step {restored_step}"
+    source = f"{storage.display(storage.path(workdir) / 'checkpoints')} step {restored_step}"
     check_variables(variables, template, source, model_name(config))
     return variables, source

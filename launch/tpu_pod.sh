@@ -27,8 +27,9 @@
 #   WORKDIR           checkpoint/metrics directory; must be gs:// so every host sees it (required)
 #   REMOTE_DIR        install directory in each worker's home [fgc_jax]
 #   JAX_PIP_SPEC      how pip installs JAX for TPU ['jax[tpu]']
-#   PIP_EXTRAS        more packages for the workers, space-separated [gcsfs: orbax reaches
-#                     gs:// through fsspec/gcsfs when TensorFlow is absent]
+#   PIP_EXTRAS        more packages for the workers, space-separated [none]; the checkout is
+#                     installed with its gcs extra (`.[gcs]`: gcsfs, google-cloud-storage),
+#                     which the gs:// workdir needs
 # Every argument after the options is passed to fgc_jax.main, e.g.
 #   --config.data.dir=gs://BUCKET/tensorflow_datasets --config.fgc.bank_dtype=bfloat16
 # The checkout is copied as `git ls-files` lists it (tracked files, working-tree contents).
@@ -66,7 +67,7 @@ config="${CONFIG:-configs/resnet18_imagenet.py}"
 workdir="${WORKDIR:-}"
 remote_dir="${REMOTE_DIR:-fgc_jax}"
 jax_pip_spec="${JAX_PIP_SPEC:-jax[tpu]}"
-pip_extras="${PIP_EXTRAS-gcsfs}"
+pip_extras="${PIP_EXTRAS:-}"
 
 [[ -n "$tpu_name" ]] || die "set TPU_NAME to the slice's name (see --help)"
 [[ -n "$zone" ]] || die "set ZONE to the slice's zone, e.g. ZONE=us-central2-b (see --help)"
@@ -86,7 +87,7 @@ pack=(tar -czf "$archive" --null -T -)
 copy=(gcloud compute tpus tpu-vm scp "$archive" "${tpu_name}:fgc_jax.tar.gz" "${common[@]}" --worker=all)
 install_script="rm -rf ~/${remote_dir} && mkdir -p ~/${remote_dir} && tar -xzf ~/fgc_jax.tar.gz -C ~/${remote_dir}"
 read -r -a extras <<<"$pip_extras"
-install_script+=" && cd ~/${remote_dir} && python3 -m pip install -q -U $(quote_line "$jax_pip_spec" "${extras[@]+"${extras[@]}"}") -e ."
+install_script+=" && cd ~/${remote_dir} && python3 -m pip install -q -U $(quote_line "$jax_pip_spec" "${extras[@]+"${extras[@]}"}") -e '.[gcs]'"
 install_cmd=(gcloud compute tpus tpu-vm ssh "$tpu_name" "${common[@]}" --worker=all --command="$install_script")
 train_line="$(quote_line python3 -m fgc_jax.main --config="$config" --workdir="$workdir" "$@")"
 if [[ "$detach" -eq 1 ]]; then

