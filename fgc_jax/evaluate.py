@@ -75,6 +75,9 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
     fgc_blocks = resolve_blocks(config.fgc.blocks, cost.num_blocks) if cost.num_blocks else []
 
     os.makedirs(output_dir, exist_ok=True)
+    report_path = os.path.join(output_dir, REPORT_NAME)
+    if jax.process_index() == 0 and os.path.exists(report_path):
+        os.remove(report_path)  # until the new one is whole: none of the files below is trusted
     pictures = []
     if cost.num_blocks:
         keep = _subset(report["num_examples"], alignment_max_examples)
@@ -96,13 +99,16 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
     report.update({"model": model_name(config), "source": source, "fgc_blocks": fgc_blocks,
                    "cost": cost.summary(), "pictures": [os.path.basename(p) for p in pictures]})
     if jax.process_index() == 0:
-        with open(os.path.join(output_dir, REPORT_NAME), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
         arrays = {k: per[k] for k in ("label", "prediction", "correct1", "correct5", "macs", "density")}
         for b in range(cost.num_blocks):
             arrays[f"log_alpha_{b}"] = per["log_alpha"][b]
             arrays[f"feature_{b}"] = per["feature"][b]
         np.savez_compressed(os.path.join(output_dir, "per_example.npz"), **arrays)
+        # The report last, and whole (written aside, then renamed): an evaluation stopped part-way
+        # (Ctrl-C, a kill) leaves none, so `compare` never reads half an evaluation.
+        with open(report_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(report_path + ".tmp", report_path)
     return report
 
 
