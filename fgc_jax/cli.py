@@ -53,14 +53,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(_flag_error(e, argv), USER_ERROR)
 
 
-def _interrupt_line(hook: Callable) -> Callable:
-    """`sys.excepthook` printing one line for a `KeyboardInterrupt` (its message, if any)."""
+def _one_line_interrupts(hook: Callable) -> Callable:
+    """`hook` (a `sys.excepthook`), but one line for a `KeyboardInterrupt`: its message, if any."""
     def excepthook(kind, value, traceback):
-        if issubclass(kind, KeyboardInterrupt) and not (flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1):
-            print("interrupted (Ctrl-C): " + (" ".join(str(value).split()) or "stopped before it "
-                  "finished; rerun the same command"), file=sys.stderr, flush=True)
-        else:
-            hook(kind, value, traceback)
+        verbose = flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1
+        if not issubclass(kind, KeyboardInterrupt) or verbose:
+            return hook(kind, value, traceback)
+        reason = " ".join(str(value).split()) or "stopped before it finished; rerun the same command"
+        print(f"interrupted (Ctrl-C): {reason}", file=sys.stderr, flush=True)
+        return None
     return excepthook
 
 
@@ -81,5 +82,5 @@ def run(main: Callable[[list[str]], None], *, user_errors: tuple[type[BaseExcept
                 raise
             fail(e, RUN_FAILURE)
 
-    sys.excepthook = _interrupt_line(sys.excepthook)
+    sys.excepthook = _one_line_interrupts(sys.excepthook)
     app.run(guarded, flags_parser=_parse_flags)

@@ -21,9 +21,10 @@ import sys
 
 
 def _jax_takes_sigterm() -> bool:
-    """Whether `jax.distributed.initialize` ran, so that JAX's preemption service handles SIGTERM."""
+    """Whether `jax.distributed.initialize` started JAX's preemption service, which handles SIGTERM."""
     jax = sys.modules.get("jax")  # never imported here: a handler must not start JAX
-    return jax is not None and jax.distributed.is_initialized()
+    return (jax is not None and jax.distributed.is_initialized()
+            and jax.config.jax_enable_preemption_service)
 
 
 class PreemptionFlag:
@@ -34,8 +35,9 @@ class PreemptionFlag:
         self._saving_on_interrupt = False
         self.interrupted = False  # a Ctrl-C stops the run, not SIGTERM
         self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._previous_interrupt = signal.getsignal(signal.SIGINT)
-        if self._previous_interrupt is not signal.SIG_IGN:
+        self._previous_interrupt = signal.getsignal(signal.SIGINT)  # None: set outside Python
+        self._takes_interrupts = self._previous_interrupt not in (signal.SIG_IGN, None)
+        if self._takes_interrupts:
             signal.signal(signal.SIGINT, self._handle_interrupt)
 
     def _handle(self, signum, frame):
@@ -47,8 +49,8 @@ class PreemptionFlag:
     def _handle_interrupt(self, signum, frame):
         del frame
         to_jax = _jax_takes_sigterm()
-        # Several processes stop together (JAX's sync point, see `raised`) whenever one is
-        # told to; a single one stops at once if it has nothing to save yet.
+        # Before the first trained step there is nothing to save: stop at once; but processes of
+        # a multi-process run all stop at one step boundary (JAX's sync point, see `raised`).
         if not (self._saving_on_interrupt or to_jax):
             raise KeyboardInterrupt("stopped before training began, nothing was saved; rerun the same "
                                     "command to start (or resume) the run")
@@ -90,5 +92,5 @@ class PreemptionFlag:
     def restore(self) -> None:
         """Puts back the SIGTERM and SIGINT handlers that were there before."""
         signal.signal(signal.SIGTERM, self._previous)
-        if self._previous_interrupt is not signal.SIG_IGN:
+        if self._takes_interrupts:
             signal.signal(signal.SIGINT, self._previous_interrupt)
