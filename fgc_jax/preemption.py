@@ -11,6 +11,9 @@ boundary and returns. Ctrl-C depends on how far the run is:
   process at once (SIGINT's default action), without that checkpoint; the earlier ones are
   untouched, and orbax never lists a step whose save did not commit.
 
+In a multi-process run, once the processes have joined, a Ctrl-C always takes SIGTERM's path,
+passed on to JAX's preemption service: every process stops at the same step.
+
 A process started with SIGINT ignored (a background job of a non-interactive shell) keeps
 ignoring it, as Python itself does.
 """
