@@ -183,7 +183,10 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
     ])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                            best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True,
+                                           # a save cut short (kill, second Ctrl-C) left a temporary
+                                           # directory; orbax never lists it as a step
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(storage.path(workdir) / "checkpoints", options=options,
                                  item_names=("state", "meta"))
 

@@ -5,6 +5,10 @@ prints one `error: ...` line and exits with status 2; a run that fails for anoth
 can name (a failed save, divergence) prints one `error: ...` line and exits with status 1.
 `--verbosity=1` (absl's flag) shows the traceback instead. Anything else is a bug and keeps
 Python's traceback.
+
+Ctrl-C (a `KeyboardInterrupt` reaching the top) prints one `interrupted (Ctrl-C): ...` line
+instead of the traceback; Python then exits as killed by SIGINT (the shell's status 130), so
+a shell script running the command stops too.
 """
 from __future__ import annotations
 
@@ -50,6 +54,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(_flag_error(e, argv), USER_ERROR)
 
 
+def _one_line_interrupts(hook: Callable) -> Callable:
+    """`hook` (a `sys.excepthook`), but one line for a `KeyboardInterrupt`: its message, if any."""
+    def excepthook(kind, value, traceback):
+        verbose = flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1
+        if not issubclass(kind, KeyboardInterrupt) or verbose:
+            return hook(kind, value, traceback)
+        reason = " ".join(str(value).split()) or "stopped before it finished; rerun the same command"
+        print(f"interrupted (Ctrl-C): {reason}", file=sys.stderr, flush=True)
+        return None
+    return excepthook
+
+
 def run(main: Callable[[list[str]], None], *, user_errors: tuple[type[BaseException], ...] = (),
         check_config: bool = True) -> None:
     """`absl.app.run(main)` with the error handling above; checks `--config`'s fields first."""
@@ -67,4 +83,5 @@ def run(main: Callable[[list[str]], None], *, user_errors: tuple[type[BaseExcept
                 raise
             fail(e, RUN_FAILURE)
 
+    sys.excepthook = _one_line_interrupts(sys.excepthook)
     app.run(guarded, flags_parser=_parse_flags)

@@ -75,6 +75,9 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
 
     out = storage.path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    report_path = out / REPORT_NAME
+    if jax.process_index() == 0 and report_path.exists():
+        report_path.unlink()  # until the new one is whole: none of the files below is trusted
     pictures = []
     if cost.num_blocks:
         keep = _subset(report["num_examples"], alignment_max_examples)
@@ -96,12 +99,14 @@ def run_evaluation(config: ml_collections.ConfigDict, output_dir: str, *, workdi
     report.update({"model": model_name(config), "source": source, "fgc_blocks": fgc_blocks,
                    "cost": cost.summary(), "pictures": [storage.path(p).name for p in pictures]})
     if jax.process_index() == 0:
-        storage.write_text(out / REPORT_NAME, json.dumps(report, indent=2))
         arrays = {k: per[k] for k in ("label", "prediction", "correct1", "correct5", "macs", "density")}
         for b in range(cost.num_blocks):
             arrays[f"log_alpha_{b}"] = per["log_alpha"][b]
             arrays[f"feature_{b}"] = per["feature"][b]
         storage.write_with(out / "per_example.npz", lambda f: np.savez_compressed(f, **arrays))
+        # The report last, and whole (storage writes replace a file whole): an evaluation stopped
+        # part-way (Ctrl-C, a kill) leaves none, so `compare` never reads half an evaluation.
+        storage.write_text(report_path, json.dumps(report, indent=2))
     return report
 
 

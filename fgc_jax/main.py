@@ -6,7 +6,7 @@ user can fix print one `error: ...` line and exit with status 2 (`fgc_jax.cli`).
 """
 from fgc_jax.preemption import PreemptionFlag
 
-# Before anything expensive: from here on a SIGTERM stops the run cleanly instead of killing it.
+# Before anything expensive: from here on SIGTERM and Ctrl-C stop the run cleanly instead of killing it.
 _PREEMPTION = PreemptionFlag()
 
 # pylint: disable=wrong-import-position

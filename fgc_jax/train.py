@@ -376,8 +376,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     Order: every config field is checked, then the workdir's storage (a gs:// bucket must be
     reachable), the data's labels, then the workdir is locked (process 0), and only then is
-    anything written or compiled. `preemption`: a SIGTERM flag installed earlier by the caller
-    (default: installed here).
+    anything written or compiled. `preemption`: the SIGTERM and Ctrl-C flag installed earlier by
+    the caller (default: installed here). A Ctrl-C once training is under way saves a checkpoint
+    like SIGTERM, then raises `KeyboardInterrupt` naming its step.
     """
     config_check.check_fields(config)
     storage.check_usable(workdir, "--workdir")
@@ -457,6 +458,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
     evaluated = False  # the first evaluation compiles the eval step
     profile_start, profile_stop = tuple(config.profile_steps) or (-1, -1)
     tracing = False
+    stopped_at = None  # the step a SIGTERM or Ctrl-C stopped the run at
 
     def checkpoint(step: int, metrics: Mapping[str, float] | None = None) -> None:
         nonlocal last_checkpoint
@@ -507,6 +509,7 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
             began = time.perf_counter()
             with contextlib.nullcontext() if timed else clock.excluded():
                 state, metrics = trainer.train_step(state, batch, phase)
+                preemption.save_on_interrupt()  # there is a trained step to save from here on
                 checkpointing.check_saves(manager, wait=True)  # a failed save stops the run here
                 if not timed:
                     jax.block_until_ready(metrics)
@@ -545,8 +548,10 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
                     checkpoint(done, eval_metrics)
                 saving = True
             if stop:
-                logging.warning("Stopped for preemption at step %d; rerun the same command to resume",
-                                done)
+                stopped_at = done
+                if not preemption.interrupted:
+                    logging.warning("Stopped for preemption at step %d; rerun the same command to resume",
+                                    done)
                 break
         failed = False
     finally:
@@ -558,4 +563,6 @@ def _loop(config, workdir: str, trainer: Trainer, manager, loader, state: TrainS
             if not failed:
                 raise
     checkpointing.wait(manager)
+    if stopped_at is not None:
+        preemption.raise_if_interrupted(stopped_at)  # Ctrl-C: once its checkpoint is on disk
     return report
