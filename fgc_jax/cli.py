@@ -17,7 +17,7 @@ from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
 
-from fgc_jax import checkpointing, config_check, torch_import, workdir_lock
+from fgc_jax import checkpointing, config_check, preemption, torch_import, workdir_lock
 
 USER_ERROR, RUN_FAILURE = 2, 1
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -54,18 +54,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(_flag_error(e, argv), USER_ERROR)
 
 
-def _one_line_interrupts(hook: Callable) -> Callable:
-    """`hook` (a `sys.excepthook`), but one line for a `KeyboardInterrupt`: its message, if any."""
-    def excepthook(kind, value, traceback):
-        verbose = flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1
-        if not issubclass(kind, KeyboardInterrupt) or verbose:
-            return hook(kind, value, traceback)
-        reason = " ".join(str(value).split()) or "stopped before it finished; rerun the same command"
-        print(f"interrupted (Ctrl-C): {reason}", file=sys.stderr, flush=True)
-        return None
-    return excepthook
-
-
 def run(main: Callable[[list[str]], None], *, user_errors: tuple[type[BaseException], ...] = (),
         check_config: bool = True) -> None:
     """`absl.app.run(main)` with the error handling above; checks `--config`'s fields first."""
@@ -83,5 +71,5 @@ def run(main: Callable[[list[str]], None], *, user_errors: tuple[type[BaseExcept
                 raise
             fail(e, RUN_FAILURE)
 
-    sys.excepthook = _one_line_interrupts(sys.excepthook)
+    preemption.print_interrupts_in_one_line()
     app.run(guarded, flags_parser=_parse_flags)

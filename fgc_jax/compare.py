@@ -7,6 +7,10 @@ Each DIR is an output directory of `python -m fgc_jax.evaluate` (it holds
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a Ctrl-C during them is one line too
+    from fgc_jax import preemption
+    preemption.print_interrupts_in_one_line()
+
 import json
 from typing import Any, Sequence
 

@@ -5,6 +5,10 @@
 
 Flags only; the accounting is `fgc_jax.macs`.
 """
+if __name__ == "__main__":  # before the heavy imports: a Ctrl-C during them is one line too
+    from fgc_jax import preemption
+    preemption.print_interrupts_in_one_line()
+
 import dataclasses
 import json
 from typing import Sequence

@@ -10,6 +10,10 @@ directory, and prints a summary. The evaluation itself is `fgc_jax.evaluation`.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a Ctrl-C during them is one line too
+    from fgc_jax import preemption
+    preemption.print_interrupts_in_one_line()
+
 import json
 from typing import Any, Mapping, Sequence
 

@@ -4,10 +4,11 @@ Flags only; the work is `train.train_and_evaluate`. Config fields can be overrid
 `--config.field=value` (e.g. `--config.fgc.k=100`); unknown fields are rejected. Errors the
 user can fix print one `error: ...` line and exit with status 2 (`fgc_jax.cli`).
 """
-from fgc_jax.preemption import PreemptionFlag
+from fgc_jax import preemption
 
 # Before anything expensive: from here on SIGTERM and Ctrl-C stop the run cleanly instead of killing it.
-_PREEMPTION = PreemptionFlag()
+preemption.print_interrupts_in_one_line()
+_PREEMPTION = preemption.PreemptionFlag()
 
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # noqa: E402

@@ -23,6 +23,30 @@ import signal
 import sys
 
 
+def print_interrupts_in_one_line() -> None:
+    """Makes a `KeyboardInterrupt` that reaches the top print one line (its message) instead of a
+    traceback (absl's `--verbosity=1` keeps the traceback); Python then exits as killed by SIGINT.
+
+    Commands call it first thing, before their heavy imports, so a Ctrl-C at any moment of
+    start-up is one line.
+    """
+    if getattr(sys.excepthook, "prints_interrupts_in_one_line", False):
+        return
+    hook = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        flags = getattr(sys.modules.get("absl.flags"), "FLAGS", None)
+        verbose = flags is not None and flags.is_parsed() and flags.verbosity >= 1
+        if not issubclass(kind, KeyboardInterrupt) or verbose:
+            return hook(kind, value, traceback)
+        reason = " ".join(str(value).split()) or "stopped before it finished; rerun the same command"
+        print(f"interrupted (Ctrl-C): {reason}", file=sys.stderr, flush=True)
+        return None
+
+    excepthook.prints_interrupts_in_one_line = True
+    sys.excepthook = excepthook
+
+
 def _jax_takes_sigterm() -> bool:
     """Whether `jax.distributed.initialize` started JAX's preemption service, which handles SIGTERM."""
     jax = sys.modules.get("jax")  # never imported here: a handler must not start JAX
