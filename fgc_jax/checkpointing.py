@@ -212,13 +212,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[st
     _IN_FLIGHT[manager] = step
 
 
-# What to do about a failed save, by its errno; anything else: "fix the directory".
+# What to do about a failed save, by its errno; anything else: "Fix the directory".
 _REMEDIES = {
-    errno.ENOSPC: "free space on its disk",
-    errno.EDQUOT: "free space within your disk quota",
-    errno.EACCES: "make the directory writable for this user",
-    errno.EPERM: "make the directory writable for this user",
-    errno.EROFS: "use a --workdir on a writable file system",
+    errno.ENOSPC: "Free space on its disk",
+    errno.EDQUOT: "Free space within your disk quota",
+    errno.EACCES: "Make the directory writable for this user",
+    errno.EPERM: "Make the directory writable for this user",
+    errno.EROFS: "Use a --workdir on a writable file system",
 }
 
 
@@ -238,7 +238,7 @@ def _save_failed(manager: ocp.CheckpointManager, step: int, reason: str, code: i
     code = code or _errno_of(reason)
     cause = os.strerror(code).lower() if code else f"the write did not complete ({reason.split(':')[0]})"
     return (f"saving checkpoint {step} to {manager.directory} failed: {cause}; the run stopped. "
-            f"{_REMEDIES.get(code, 'Fix the directory').capitalize()}, then rerun the same command: "
+            f"{_REMEDIES.get(code, 'Fix the directory')}, then rerun the same command: "
             "it resumes from the newest complete checkpoint (--verbosity=1 shows the library's error)")
 
 
