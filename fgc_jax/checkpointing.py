@@ -14,8 +14,11 @@ checkpoint that verifies, saying so in an ERROR line.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging as std_logging
+import os
+import re
 import time
 import weakref
 from typing import Any, Mapping
@@ -210,17 +213,38 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[st
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, fingerprints=prints))),
             metrics=dict(metrics) if metrics else None, force=True)
     except Exception as e:  # orbax raises many types (OSError, ValueError, ...)
-        raise SaveError(_save_failed(manager, step, f"{type(e).__name__}: {e}")) from e
+        raise SaveError(_save_failed(manager, step, f"{type(e).__name__}: {e}", getattr(e, "errno", None))) from e
     _IN_FLIGHT[manager] = step
 
 
-def _save_failed(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
-    reason = " ".join(reason.split())
-    if len(reason) > 400:
-        reason = reason[:150] + " ... " + reason[-250:]
-    return (f"saving checkpoint {step} to {manager.directory} failed ({reason}); "
-            "the run stopped. Free space or fix the directory, then rerun the same command: it "
-            "resumes from the newest complete checkpoint")
+# What to do about a failed save, by its errno; anything else: "Fix the directory".
+_REMEDIES = {
+    errno.ENOSPC: "Free space on its disk",
+    errno.EDQUOT: "Free space within your disk quota",
+    errno.EACCES: "Make the directory writable for this user",
+    errno.EPERM: "Make the directory writable for this user",
+    errno.EROFS: "Use a --workdir on a writable file system",
+}
+
+
+def _errno_of(reason: str) -> int | None:
+    """The errno a library's error text names: tensorstore's `os_error_code='28'`, Python's
+    `[Errno 28]`, or the C strerror text itself ("No space left on device")."""
+    found = re.search(r"os_error_code\W*(\d+)|\[Errno (\d+)\]", reason)
+    if found:
+        return int(found.group(1) or found.group(2))
+    return next((code for code in _REMEDIES if os.strerror(code).lower() in reason.lower()), None)
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int, reason: str, code: int | None = None) -> str:
+    """The one-line SaveError message: the cause in words (from `code` or the errno `reason`
+    names), the path and what to do; the library's own text is logged at --verbosity=1."""
+    logging.debug("saving checkpoint %d failed; the library said: %s", step, reason)
+    code = code or _errno_of(reason)
+    cause = os.strerror(code).lower() if code else f"the write did not complete ({reason.split(':')[0]})"
+    return (f"saving checkpoint {step} to {manager.directory} failed: {cause}; the run stopped. "
+            f"{_REMEDIES.get(code, 'Fix the directory')}, then rerun the same command: "
+            "it resumes from the newest complete checkpoint (--verbosity=1 shows the library's error)")
 
 
 def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:

@@ -5,9 +5,9 @@ Oracles are independent of the code under test: an uninterrupted run's final arr
 (`straight` below), the bytes on disk, the exit status and stderr of the commands.
 """
 import json
-import re
 import os
 import pathlib
+import re
 import signal
 import socket
 import struct
@@ -284,20 +284,49 @@ def test_divergence_keeps_a_finite_checkpoint_and_a_lower_lr_continues_from_it(t
     assert_same_arrays(read_state(straight)[0], read_state(workdir)[0])
 
 
-def test_disk_full_stops_within_one_step_with_one_clear_message(tmp_path):
+def small_tmpfs(path, options="size=256k"):
+    """A tmpfs mounted at `path` (root only: skipped elsewhere); unmount it with `umount -l`."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    return path
+
+
+def assert_one_clear_line(message, cause, remedy):
+    """The cause in words, the path, what to do; not the library's text (--verbosity=1 has it)."""
+    assert re.search(rf"saving checkpoint \d+ to /\S+/checkpoints failed: {cause}; the run stopped\. "
+                     rf"{remedy}, then rerun the same command", message), message
+    assert "os_error_code" not in message and "tensorstore" not in message.lower(), message
+    assert "\n" not in message and len(message) < 400, message
+
+
+def test_disk_full_stops_within_one_step_with_one_clear_message(tmp_path):
+    mount = small_tmpfs(tmp_path / "small")
     try:
-        with pytest.raises(checkpointing.SaveError, match=r"saving checkpoint 3 .*No space left.*rerun the same command"):
+        with pytest.raises(checkpointing.SaveError) as failure:
             train.train_and_evaluate(tiny_config(checkpoint_every_steps=3), str(mount))
+        assert str(failure.value).startswith("saving checkpoint 3 ")
+        assert_one_clear_line(str(failure.value), "no space left on device", "Free space on its disk")
         logged = [r["step"] for r in metric_rows(mount)]
         assert max(logged) <= 4  # the first save (step 3) failed; the step after it did not end
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_read_only_file_system_is_named_as_the_cause(tmp_path):
+    """The file system turns read-only under a running manager (as a failing disk does)."""
+    mount = small_tmpfs(tmp_path / "disk", "size=1m")
+    try:
+        manager = checkpointing.create_manager(str(mount), tiny_config())
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        with pytest.raises(checkpointing.SaveError) as failure:
+            checkpointing.save(manager, 1, {"w": np.zeros(4, np.float32)}, {})
+            checkpointing.wait(manager)
+        assert_one_clear_line(str(failure.value), "read-only file system", "Use a --workdir on a writable file system")
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 

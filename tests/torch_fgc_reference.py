@@ -18,20 +18,22 @@ import torch.nn.functional as F
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Hard gate 1[y > 0] forward; d sigmoid(y) / d logits = s (1 - s) / tau backward."""
+    """Hard gate forward; d sigmoid(y) / d logits = s (1 - s) / tau backward.
+
+    The forward value is `hard`: 1[y > 0], or the decisions imposed from outside.
+    """
 
     @staticmethod
-    def forward(ctx, logits, noise, tau):
-        y = (logits + torch.log(noise) - torch.log1p(-noise)) / tau
+    def forward(ctx, logits, y, hard, tau):
         s = torch.sigmoid(y)
         ctx.save_for_backward(s)
         ctx.tau = tau
-        return (y > 0).to(logits.dtype)
+        return hard
 
     @staticmethod
     def backward(ctx, grad):
         (s,) = ctx.saved_tensors
-        return grad * s * (1 - s) / ctx.tau, None, None
+        return grad * s * (1 - s) / ctx.tau, None, None, None
 
 
 class _GateMLP(nn.Module):
@@ -62,17 +64,23 @@ class _Block(nn.Module):
         self.gate = _Gate(cin, planes)
         self.pad = (planes - cin) // 2 if (stride != 1 or cin != planes) else None
 
-    def forward(self, x, noise, tau):
+    def forward(self, x, noise, tau, imposed=None):
+        """Returns the block output and (logits, gate, feature, y, own decision 1[y > 0]).
+
+        `imposed`: hard gates to use instead of this block's own decisions (the same
+        [batch, channels] 0/1 values); `y` is the noisy logit / tau in training, the logit
+        in evaluation.
+        """
         h = F.relu(self.bn1(self.conv1(x)))
         feature = h.mean((2, 3)).detach()
         logits = self.gate.mlp(x)
-        if self.training:
-            gate = _StraightThrough.apply(logits, noise, tau)
-        else:
-            gate = (logits > 0).to(logits.dtype)
+        y = (logits + torch.log(noise) - torch.log1p(-noise)) / tau if self.training else logits
+        own = (y > 0).to(logits.dtype).detach()
+        hard = own if imposed is None else torch.as_tensor(np.asarray(imposed), dtype=logits.dtype)
+        gate = _StraightThrough.apply(logits, y, hard, tau) if self.training else hard
         h = self.bn2(self.conv2(h * gate[:, :, None, None]))
         short = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-        return F.relu(h + short), (logits, gate, feature)
+        return F.relu(h + short), (logits, gate, feature, y.detach(), own)
 
 
 class GatedResNet(nn.Module):
@@ -96,11 +104,13 @@ class GatedResNet(nn.Module):
     def blocks(self):
         return [b for s in (self.layer1, self.layer2, self.layer3) for b in s]
 
-    def forward(self, x, noise=None):
+    def forward(self, x, noise=None, gates=None):
+        """`gates`: per block, hard gates imposed instead of the model's own decisions."""
         x = F.relu(self.bn1(self.conv1(x)))
         info = []
         for i, block in enumerate(self.blocks()):
-            x, block_info = block(x, None if noise is None else noise[i], self.tau)
+            x, block_info = block(x, None if noise is None else noise[i], self.tau,
+                                  None if gates is None else gates[i])
             info.append(block_info)
         return self.linear(x.mean((2, 3))), info
 
@@ -128,17 +138,25 @@ class _BatchShaping(torch.autograd.Function):
         return grad_output * grad, None, None
 
 
-def fgc_loss(logits, feature, index, feature_bank, gate_bank, k, temperature, use_neighbours):
-    """-mean_b log(sum_{j in P_b} softmax(a G^T / T)_bj + 1e-7), P_b = {idx_b} ∪ top-k_b."""
+def fgc_loss(logits, feature, index, feature_bank, gate_bank, k, temperature, use_neighbours,
+             imposed_neighbours=None):
+    """-mean_b log(sum_{j in P_b} softmax(a G^T / T)_bj + 1e-7), P_b = {idx_b} ∪ top-k_b.
+
+    Returns the loss and, with `use_neighbours`, the similarities [batch, rows] and this
+    loss's own top-k rows; `imposed_neighbours` [batch, k] replace the latter in P_b.
+    """
     positives = torch.zeros(logits.shape[0], gate_bank.shape[0], dtype=torch.bool)
     rows = torch.arange(logits.shape[0])
     positives[rows, index] = True
+    sims = own = None
     if use_neighbours:
         sims = feature @ feature_bank.T
         sims[rows, index] = -2.0
-        positives[rows[:, None], sims.topk(k, dim=1).indices] = True
+        own = sims.topk(k, dim=1).indices
+        chosen = own if imposed_neighbours is None else torch.as_tensor(np.asarray(imposed_neighbours)).long()
+        positives[rows[:, None], chosen] = True
     q = torch.softmax(logits @ gate_bank.T / temperature, dim=1)
-    return -torch.log((q * positives).sum(1) + 1e-7).mean()
+    return -torch.log((q * positives).sum(1) + 1e-7).mean(), sims, own
 
 
 def updated_bank(bank, index, values, momentum):
@@ -151,11 +169,19 @@ def updated_bank(bank, index, values, momentum):
 class ReferenceRun:
     """A model, its optimizer and the FGC banks, stepped as the reference trains (spec §2-§3)."""
 
-    def __init__(self, state_dict, banks, dtype, *, lr, weight_decay=5e-4, momentum=0.9):
-        """`banks`: {block: (feature_bank, gate_bank)} as NumPy arrays [N, C]."""
+    def __init__(self, state_dict, banks, dtype, *, lr, weight_decay=5e-4, momentum=0.9,
+                 momentum_buffers=None):
+        """`banks`: {block: (feature_bank, gate_bank)} as NumPy arrays [N, C].
+
+        `state_dict` may leave out BN's `num_batches_tracked` (unused with BN momentum 0.1);
+        `momentum_buffers` ({parameter name: array}) start the SGD momentum where a run
+        stands, so the reference steps from any state of another implementation.
+        """
         self.dtype = dtype
         self.model = GatedResNet().to(dtype)
-        self.model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()})
+        own = self.model.state_dict()
+        self.model.load_state_dict({k: torch.as_tensor(np.asarray(state_dict[k]) if k in state_dict else own[k])
+                                    for k in own})
         self.banks = {b: tuple(torch.as_tensor(np.asarray(x), dtype=dtype) for x in pair)
                       for b, pair in banks.items()}
         named = list(self.model.named_parameters())
@@ -163,35 +189,51 @@ class ReferenceRun:
             [{"params": [p for n, p in named if ".gate." not in n], "weight_decay": weight_decay},
              {"params": [p for n, p in named if ".gate." in n], "weight_decay": 0.0}],
             lr=lr, momentum=momentum, nesterov=True)
+        for name, p in named:
+            if momentum_buffers is not None:
+                self.optimizer.state[p]["momentum_buffer"] = torch.as_tensor(
+                    np.asarray(momentum_buffers[name]), dtype=dtype).clone()
 
     def step(self, images, labels, index, noise, *, rho, zeta, kappa, k=200, temperature=0.07,
-             bank_momentum=0.5, use_neighbours=True):
-        """One training step on NCHW `images`; returns the loss terms and the hard gates."""
+             bank_momentum=0.5, use_neighbours=True, gates=None, neighbours=None):
+        """One training step on NCHW `images`; returns the loss terms and the decisions.
+
+        `gates` (per block [batch, channels]) and `neighbours` ({block: [batch, k] rows})
+        impose another implementation's hard decisions. The decisions dict holds, per block,
+        this step's own `gate` 1[y > 0], its `y` and the gate `logit`, and per FGC block its own
+        `neighbours` and the `similarity` [batch, rows] they were chosen by.
+        """
         self.model.train()
         as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=self.dtype)  # noqa: E731
         index = torch.as_tensor(np.asarray(index), dtype=torch.long)
-        logits, info = self.model(as_tensor(images), [as_tensor(u) for u in noise])
+        logits, info = self.model(as_tensor(images), [as_tensor(u) for u in noise], gates)
         terms = {"cross_entropy": F.cross_entropy(logits, torch.as_tensor(np.asarray(labels)).long())}
-        probs = [torch.sigmoid(a) for a, _, _ in info]
+        probs = [torch.sigmoid(a) for a, *_ in info]
         terms["l0"] = sum(p.sum() for p in probs) / sum(p.numel() for p in probs)
         terms["batch_shaping"] = sum(_BatchShaping.apply(p, 0.6, 0.4) for p in probs)
         terms["fgc"] = torch.zeros((), dtype=self.dtype)
+        decisions = {"gate": [own.numpy() for *_, own in info], "y": [y.double().numpy() for *_, y, _ in info],
+                     "logit": [a.detach().double().numpy() for a, *_ in info], "neighbours": {}, "similarity": {}}
         for b, (feature_bank, gate_bank) in self.banks.items():
-            a, _, f = info[b]
-            terms["fgc"] = terms["fgc"] + fgc_loss(a, f, index, feature_bank, gate_bank, k,
-                                                   temperature, use_neighbours)
+            a, _, f, _, _ = info[b]
+            term, sims, own = fgc_loss(a, f, index, feature_bank, gate_bank, k, temperature, use_neighbours,
+                                       None if neighbours is None else neighbours[b])
+            terms["fgc"] = terms["fgc"] + term
+            if use_neighbours:
+                decisions["neighbours"][b] = own.numpy()
+                decisions["similarity"][b] = sims.double().numpy()
         loss = terms["cross_entropy"] + rho * terms["l0"] + zeta * terms["batch_shaping"] + kappa * terms["fgc"]
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         if kappa:
             for b, (feature_bank, gate_bank) in self.banks.items():
-                a, _, f = info[b]
+                a, _, f, _, _ = info[b]
                 self.banks[b] = (updated_bank(feature_bank, index, f, bank_momentum),
                                  updated_bank(gate_bank, index, a.detach(), bank_momentum))
-        gates = [g.detach() for _, g, _ in info]
-        density = sum(g.sum() for g in gates) / sum(g.numel() for g in gates)  # pooled (spec §6)
-        return {name: float(v) for name, v in dict(terms, loss=loss, gate_density=density).items()}, gates
+        used = [g.detach() for _, g, *_ in info]
+        density = sum(g.sum() for g in used) / sum(g.numel() for g in used)  # pooled (spec §6)
+        return {name: float(v) for name, v in dict(terms, loss=loss, gate_density=density).items()}, decisions
 
     def momentum_buffers(self):
         """{parameter name: SGD momentum buffer}: after the first step, gradient + L2 term."""
@@ -201,9 +243,11 @@ class ReferenceRun:
     def state(self):
         return {name: t.detach().double().numpy() for name, t in self.model.state_dict().items()}
 
-    def evaluate(self, images):
-        """Eval-mode logits and deterministic gates (running BN statistics)."""
+    def evaluate(self, images, gates=None):
+        """Eval-mode logits, own deterministic gates 1[logit > 0] and gate logits (running BN
+        statistics); `gates` imposes another implementation's decisions."""
         self.model.eval()
         with torch.no_grad():
-            logits, info = self.model(torch.as_tensor(np.asarray(images), dtype=self.dtype))
-        return logits.double().numpy(), [g.double().numpy() for _, g, _ in info]
+            logits, info = self.model(torch.as_tensor(np.asarray(images), dtype=self.dtype), gates=gates)
+        return (logits.double().numpy(), [own.double().numpy() for *_, own in info],
+                [y.double().numpy() for *_, y, _ in info])
