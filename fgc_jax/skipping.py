@@ -182,6 +182,8 @@ def _skipping_block(blk: BlockSpec, p: Params, x: Array, widths: tuple[int, ...]
 
     def branch(width: int) -> Callable[[Array], Array]:
         def run(x: Array) -> Array:
+            if width == blk.planes:  # every channel: no gather, the gates mask in place
+                return _two_convs(blk, x, p["w1"], p["b1"], p["w2"], p["b2"], gate)
             idx = order[:width]
             return _two_convs(blk, x, jnp.take(p["w1"], idx, axis=3), p["b1"][idx],
                               jnp.take(p["w2"], idx, axis=2), p["b2"], jnp.take(gate, idx, axis=1))
