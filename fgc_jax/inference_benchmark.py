@@ -97,10 +97,6 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def default_rounds() -> int:
-    return 7
-
-
 def model_programs(model: Any, variables: Mapping[str, Any], keep: Sequence[np.ndarray] | None,
                    buckets: int = skipping.DEFAULT_BUCKETS) -> dict[str, Callable[[Any], Any]]:
     """The four programs of a gated model as functions of images (all jitted).
