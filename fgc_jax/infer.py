@@ -70,8 +70,8 @@ def run_inference(config: ml_collections.ConfigDict, *, workdir: str = "", step:
 
     # 1. The skipping program at batch 1 against the masked model.
     run = skipping.bind(program, params)
-    check_images = np.concatenate([x[m] for x, m in _batches(config, False, max(check_examples, 1))][:1])
-    check_images = check_images[:check_examples]
+    x, m = next(_batches(config, False, max(check_examples, 1)))
+    check_images = x[m][:check_examples]
     max_diff, differing_gates, near_threshold = 0.0, 0, 0
     for x in check_images:
         logits, gates = run(x[None])
@@ -107,7 +107,8 @@ def run_inference(config: ml_collections.ConfigDict, *, workdir: str = "", step:
     rows: list[ib.Row] = []
     if benchmark:
         cost = macs.cost_model(model, image_shape)
-        images = np.concatenate([x[m] for x, m in _batches(config, False, max(batches))][:1])
+        x, m = next(_batches(config, False, max(batches)))
+        images = x[m]
         programs = ib.model_programs(model, variables, keep)
         slim_bound = ib.mac_bound(cost, np.array([[1 - r / c for r, c in zip(removed, channels)]]),
                                   with_gates=False)

@@ -160,7 +160,7 @@ def _two_convs(blk: BlockSpec, x: Array, w1: Array, b1: Array, w2: Array, b2: Ar
                mask: Array | None) -> Array:
     """conv1 (+folded BN, ReLU, optional per-example 0/1 `mask`) then conv2 (+folded BN)."""
     if w1.shape[-1] == 0:  # no channel at all: conv2 of zeros is its bias
-        out_hw = (x.shape[1] // blk.stride, x.shape[2] // blk.stride)
+        out_hw = ((x.shape[1] - 1) // blk.stride + 1, (x.shape[2] - 1) // blk.stride + 1)  # 3x3, pad 1
         return jnp.broadcast_to(b2, (x.shape[0], *out_hw, b2.shape[0]))
     h = jnp.maximum(_conv(x, w1, blk.stride) + b1, 0.0)
     if mask is not None:
