@@ -77,6 +77,22 @@ def tiny_imagenet_resnet():
                        shortcut="B")
 
 
+def init_variables(model, seed):
+    """Random variables of the model's shapes, drawn by NumPy (Flax's init takes most of a
+    minute here); BatchNorm statistics away from 0/1 so that folding them is tested."""
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "'var'" in name:
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        scale = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.3
+        return (rng.standard_normal(leaf.shape) * scale + ("'scale'" in name)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, template)
+
+
 def with_gate_biases(variables, biases):
     """`variables` with each named block's gate fc2 kernel zeroed and its bias replaced."""
     params = dict(variables["params"])
@@ -90,7 +106,7 @@ def with_gate_biases(variables, biases):
 def test_skipping_imagenet_layout_all_and_no_channels(cifar_mini_dir):
     """Shortcut B and the max-pool stem, with blocks at no, every and some channels."""
     model = tiny_imagenet_resnet()
-    variables = jax.tree.map(np.asarray, model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False))
+    variables = init_variables(model, 1)
     some = np.full(32, -10.0)
     some[np.random.default_rng(0).permutation(32)[:13]] = 10.0  # 13 of 32: between two buckets
     variables = with_gate_biases(variables, {"layer1_0": np.full(8, -10.0), "layer2_0": np.full(16, 10.0),
@@ -145,7 +161,7 @@ def test_slimmed_equals_gated_model_with_calibrated_gates(bas_checkpoint, cifar_
 
 def test_export_round_trip_without_fgc_jax(cifar_mini_dir, tmp_path):
     model = tiny_imagenet_resnet()
-    variables = jax.tree.map(np.asarray, model.init(jax.random.key(2), jnp.zeros((1, 32, 32, 3)), train=False))
+    variables = init_variables(model, 2)
     arch = skipping.Architecture.of(model)
     params = skipping.fold_variables(arch, variables)
     images = read_images(cifar_mini_dir / "test_batch.bin", 3)
