@@ -445,8 +445,9 @@ def eval_batches(
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    train_split: bool = False,
 ) -> Iterator[Batch]:
-    """The test split once, in order, normalised, without augmentation.
+    """The test split (or with `train_split`, the training split) once, in order, normalised, without augmentation.
 
     Every process yields the same number of batches (SPMD); the last global batch
     is padded to full size with 'mask' False on padding, so over all processes
@@ -455,7 +456,7 @@ def eval_batches(
     """
     spec = _spec(config)
     local = _process_slice(global_batch_size, process_index, process_count)
-    pipeline = _pipeline(config, spec.test_split)
+    pipeline = _pipeline(config, "train" if train_split else spec.test_split)
 
     def generate() -> Iterator[Batch]:
         num = len(pipeline)

@@ -60,7 +60,8 @@ def test_every_runtime_dependency_is_imported_and_every_import_declared():
                 for n in _requirements(SETUP["options.extras_require"][group])}
     assert optional == {"torch", "gcsfs", "google"}
     assert imported - declared == optional
-    assert declared <= imported
+    # flatbuffers: jax.export's serialisation imports it, but jax does not declare it.
+    assert declared - {"flatbuffers"} <= imported
 
 
 def test_every_test_dependency_is_imported_by_the_tests_or_benchmarks():
