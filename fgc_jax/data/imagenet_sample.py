@@ -73,7 +73,8 @@ def write(cifar_dir: str | pathlib.Path, out: str | pathlib.Path, *, num_val: in
           train_per_class: int = 8, seed: int = 0) -> dict[str, int]:
     """Writes the sample under `out` (replaced if present); returns its split sizes."""
     out = pathlib.Path(out)
-    config = ml_collections.ConfigDict({"dataset": "cifar10", "data": {"dir": str(cifar_dir)}})
+    config = ml_collections.ConfigDict({"dataset": "cifar10", "data": {
+        "dir": str(cifar_dir), "download_url": "", "download_sha256": ""}})  # fetched if absent
     train_photos, train_classes = cifar.read(config, "train")
     val_photos, val_classes = cifar.read(config, "test")
     val_synsets = validation_synsets(num_val)
