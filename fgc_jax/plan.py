@@ -128,6 +128,13 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[int], bank_dtypes:
     return out
 
 
+def _fits_text(fits: list[str]) -> str:
+    """`fits` in a few words: ACCELERATORS is ordered by memory, so those that fit are its tail."""
+    if not fits:
+        return "none listed"
+    return "all listed" if len(fits) == len(ACCELERATORS) else f"{fits[0]} and larger"
+
+
 def format_plan(plans: Sequence[StepPlan], title: str) -> str:
     """A Markdown table of `plans`: MiB and GFLOPs per device and step, and where each fits."""
     mib = lambda x: f"{x / 2**20:,.0f}"
@@ -145,7 +152,7 @@ def format_plan(plans: Sequence[StepPlan], title: str) -> str:
             f"| {mib(p.optimizer_bytes)} | {mib(p.batch_stats_bytes)} | {mib(p.bank_bytes)} "
             f"| {mib(p.argument_bytes)} | {mib(p.temp_bytes)} | {mib(p.total_bytes)} "
             f"| {p.model_flops / 1e9:,.1f} | {p.fgc_flops / 1e9:,.1f} | {p.fgc_flops / p.flops:.0%} "
-            f"| {', '.join(p.fits()) or 'none'} |")
+            f"| {_fits_text(p.fits())} |")
     lines.append("")
     lines.append("Memory per device: " + ", ".join(f"{name} {capacity / 2**20:,.0f} MiB"
                                                    for name, capacity in ACCELERATORS) + ".")
