@@ -62,8 +62,8 @@ def _restart_with_cpu_devices(count: int) -> None:
     xla_flags = re.sub(_DEVICE_COUNT_FLAG + r"=\d+", "", xla_flags).strip()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), {
-        **os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()})
+    xla_flags = f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
+    os.execve(sys.executable, list(sys.orig_argv), {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags})
 
 
 def _plan(config) -> None:

@@ -120,8 +120,10 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[int], bank_dtypes:
             state, memory = trainer.abstract_state, compiled.memory_analysis()
             out.append(StepPlan(
                 devices=n, rows=info.num_train, bank_dtype=dtype, batch_per_device=config.batch_size // n,
-                params_bytes=per_device_bytes(state.params), optimizer_bytes=per_device_bytes(state.opt_state),
-                batch_stats_bytes=per_device_bytes(state.batch_stats), bank_bytes=per_device_bytes(state.banks),
+                params_bytes=per_device_bytes(state.params),
+                optimizer_bytes=per_device_bytes(state.opt_state),
+                batch_stats_bytes=per_device_bytes(state.batch_stats),
+                bank_bytes=per_device_bytes(state.banks),
                 argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                 aliased_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                 flops=_flops(compiled), model_flops=model_flops))
