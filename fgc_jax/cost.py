@@ -59,11 +59,12 @@ def _restart_with_cpu_devices(count: int) -> None:
     match = re.search(_DEVICE_COUNT_FLAG + r"=(\d+)", xla_flags)
     if os.environ.get("JAX_PLATFORMS") == "cpu" and match and int(match.group(1)) >= count:
         return
-    xla_flags = re.sub(_DEVICE_COUNT_FLAG + r"=\d+", "", xla_flags).strip()
+    xla_flags = re.sub(_DEVICE_COUNT_FLAG + r"=\d+", "", xla_flags)
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()}
     sys.stdout.flush()
     sys.stderr.flush()
-    xla_flags = f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
-    os.execve(sys.executable, list(sys.orig_argv), {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags})
+    os.execve(sys.executable, list(sys.orig_argv), environ)
 
 
 def _plan(config) -> None:

@@ -63,7 +63,8 @@ def test_flops_split_into_model_and_fgc_terms(plans):
 
 def test_plan_command_json_and_one_line_errors():
     command = [sys.executable, "-m", "fgc_jax.cost", "--config=configs/quickstart.py",
-               "--config.model.depth=8", "--config.batch_size=16", "--config.eval_batch_size=16", "--plan", "--rows=1000"]
+               "--config.model.depth=8", "--config.batch_size=16", "--config.eval_batch_size=16",
+               "--plan", "--rows=1000"]
     out = subprocess.run(command + ["--devices=2", "--bank_dtypes=bfloat16", "--json"], cwd=REPO,
                          capture_output=True, text=True, timeout=300, check=True)
     (only,) = json.loads(out.stdout)["plans"]  # the command arranged its own 2 CPU devices
