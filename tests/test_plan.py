@@ -75,3 +75,19 @@ def test_plan_command_json_and_one_line_errors():
                         (["--rows=0"], "--rows=0")):
         bad = subprocess.run(command + flags, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and says in bad.stderr, bad.stderr
+
+
+def test_fits_are_the_accelerators_with_enough_memory():
+    def plan_of(total_gib):  # a plan whose step needs `total_gib` GiB (all of it temporaries)
+        return plan.StepPlan(devices=1, rows=1, bank_dtype="float32", batch_per_device=1, params_bytes=0,
+                             optimizer_bytes=0, batch_stats_bytes=0, bank_bytes=0, argument_bytes=0,
+                             output_bytes=0, aliased_bytes=0, temp_bytes=int(total_gib * 2**30),
+                             flops=2.0, model_flops=1.0)
+    assert plan_of(20).fits() == ["TPU v4", "A100 40GB", "A100 80GB", "H100 80GB", "TPU v5p", "H200"]
+    # A100 40GB: 40e9 B = 37.25 GiB.
+    assert plan_of(37.2).fits() == ["A100 40GB", "A100 80GB", "H100 80GB", "TPU v5p", "H200"]
+    assert plan_of(37.3).fits()[0] == "A100 80GB"
+    assert plan_of(94).fits() == ["TPU v5p", "H200"]  # 95 GiB; H100's 80 GB is 74.5 GiB
+    assert plan_of(132).fits() == []  # H200: 141e9 B = 131.3 GiB
+    assert "TPU v5p and larger" in plan.format_plan([plan_of(94)], "t")
+    assert "none listed" in plan.format_plan([plan_of(132)], "t")
