@@ -73,13 +73,20 @@ class _Spec:
     std: tuple[float, ...]
     pad: int = 0  # Zero padding before the random crop (in-memory datasets).
     flip: bool = False  # Random horizontal flips (in-memory datasets).
+    # The standard splits' sizes, for plans made without the data (`nominal_info`).
+    num_train: int = 0
+    num_test: int = 0
 
 
 _SPECS = {
-    "cifar10": _Spec(10, ("cifar_bin", "tfds"), "test", CIFAR10_MEAN, CIFAR10_STD, 4, True),
-    "cifar100": _Spec(100, ("cifar_bin", "tfds"), "test", CIFAR100_MEAN, CIFAR100_STD, 4, True),
-    "imagenet2012": _Spec(1000, ("tfds", "imagenet_folder"), "validation", IMAGENET_MEAN, IMAGENET_STD),
-    "digits": _Spec(10, ("sklearn",), "test", DIGITS_MEAN, DIGITS_STD, 1, False),
+    "cifar10": _Spec(10, ("cifar_bin", "tfds"), "test", CIFAR10_MEAN, CIFAR10_STD, 4, True,
+                     num_train=50_000, num_test=10_000),
+    "cifar100": _Spec(100, ("cifar_bin", "tfds"), "test", CIFAR100_MEAN, CIFAR100_STD, 4, True,
+                      num_train=50_000, num_test=10_000),
+    "imagenet2012": _Spec(1000, ("tfds", "imagenet_folder"), "validation", IMAGENET_MEAN, IMAGENET_STD,
+                          num_train=1_281_167, num_test=50_000),
+    "digits": _Spec(10, ("sklearn",), "test", DIGITS_MEAN, DIGITS_STD, 1, False,
+                    num_train=digits.NUM_TRAIN, num_test=digits.NUM_EXAMPLES - digits.NUM_TRAIN),
 }
 
 
@@ -155,6 +162,14 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
         num_train, num_test = (len(_random_access(config, split)) for split in ("train", spec.test_split))
     shape, num_classes = input_spec(config)
     return DatasetInfo(name, num_train, num_test, num_classes, shape)
+
+
+def nominal_info(config: ml_collections.ConfigDict, num_train: int | None = None) -> DatasetInfo:
+    """`dataset_info` of the standard splits (or `num_train` training rows), without the data."""
+    spec = _spec(config)
+    shape, num_classes = input_spec(config)
+    return DatasetInfo(config.dataset, spec.num_train if num_train is None else num_train,
+                       spec.num_test, num_classes, shape)
 
 
 def _random_access(config: ml_collections.ConfigDict, split: str) -> Sequence[Mapping[str, Any]]:

@@ -187,12 +187,17 @@ class Trainer:
                    ) -> tuple[TrainState, dict[str, Array]]:
         """One optimisation step on a global batch (`image`, `label`, `index`, optional `mask`:
         False on the padding of a batch padded to the static batch size)."""
+        with compilation.matmul_precision(self.config):
+            return self.step_function(phase)(state, batch)
+
+    def step_function(self, phase: Phase) -> Callable:
+        """The jitted train step of `phase` (the state donated); trace it under
+        `compilation.matmul_precision(config)`, as `train_step` does."""
         if phase not in self._steps:
             self._steps[phase] = jax.jit(functools.partial(self._train_step, phase=phase),
                                          in_shardings=(self.shardings, self.batch_sharding),
                                          out_shardings=(self.shardings, None), donate_argnums=0)
-        with compilation.matmul_precision(self.config):
-            return self._steps[phase](state, batch)
+        return self._steps[phase]
 
     def _per_device_loss(self, params, batch_stats, banks, batch, rng, weights, phase: Phase):
         """This device's share of the loss; see the module docstring.
