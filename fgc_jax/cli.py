@@ -72,4 +72,5 @@ def run(main: Callable[[list[str]], None], *, user_errors: tuple[type[BaseExcept
             fail(e, RUN_FAILURE)
 
     preemption.print_interrupts_in_one_line()
+    preemption.started()  # the command's imports are done
     app.run(guarded, flags_parser=_parse_flags)

@@ -3,6 +3,8 @@
 SIGTERM (preemption) sets the flag at any time: the loop saves a checkpoint of the next step
 boundary and returns. Ctrl-C depends on how far the run is:
 
+- while the command imports its libraries (`print_interrupts_in_one_line` until `started`),
+  it stops the process at once with one line;
 - before the first training step (flag parsing, data preparation, the first restore, the
   first compilation) nothing has been trained, so it stops the process at once: the usual
   `KeyboardInterrupt`, which `fgc_jax.cli.run` turns into one line;
@@ -19,17 +21,36 @@ ignoring it, as Python itself does.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
+_INTERRUPTED = "interrupted (Ctrl-C): "
+_STOPPED_STARTING = "stopped while the command started, nothing was saved; rerun the same command"
+
+
+def _stop_now(signum, frame) -> None:
+    """SIGINT while a command imports its libraries: one line, then SIGINT's default action.
+
+    Raising `KeyboardInterrupt` there instead can surface as an `ImportError` (with a traceback)
+    of whichever extension module it interrupts (numpy's, jaxlib's).
+    """
+    del frame
+    print(_INTERRUPTED + _STOPPED_STARTING, file=sys.stderr, flush=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
 
 def print_interrupts_in_one_line() -> None:
-    """Makes a `KeyboardInterrupt` that reaches the top print one line (its message) instead of a
-    traceback (absl's `--verbosity=1` keeps the traceback); Python then exits as killed by SIGINT.
+    """Makes Ctrl-C print one line instead of a traceback, from here on; Python then exits as
+    killed by SIGINT (the shell's status 130).
 
-    Commands call it first thing, before their heavy imports, so a Ctrl-C at any moment of
-    start-up is one line.
+    Commands call it first thing, before their heavy imports: until `started()`, a Ctrl-C stops
+    the process at once with one line; after it, a `KeyboardInterrupt` that reaches the top
+    prints its message as one line (absl's `--verbosity=1` keeps the traceback).
     """
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored, not taken
+        signal.signal(signal.SIGINT, _stop_now)
     if getattr(sys.excepthook, "prints_interrupts_in_one_line", False):
         return
     hook = sys.excepthook
@@ -40,18 +61,27 @@ def print_interrupts_in_one_line() -> None:
         if not issubclass(kind, KeyboardInterrupt) or verbose:
             return hook(kind, value, traceback)
         reason = " ".join(str(value).split()) or "stopped before it finished; rerun the same command"
-        print(f"interrupted (Ctrl-C): {reason}", file=sys.stderr, flush=True)
+        print(_INTERRUPTED + reason, file=sys.stderr, flush=True)
         return None
 
     excepthook.prints_interrupts_in_one_line = True
     sys.excepthook = excepthook
 
 
+def started() -> None:
+    """A command's imports are done: from here on Ctrl-C raises `KeyboardInterrupt` (Python's
+    usual handler), so the command's own clean-up runs."""
+    if signal.getsignal(signal.SIGINT) is _stop_now:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _jax_takes_sigterm() -> bool:
     """Whether `jax.distributed.initialize` started JAX's preemption service, which handles SIGTERM."""
     jax = sys.modules.get("jax")  # never imported here: a handler must not start JAX
-    return (jax is not None and jax.distributed.is_initialized()
-            and jax.config.jax_enable_preemption_service)
+    try:
+        return jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+    except AttributeError:  # not imported, or still importing
+        return False
 
 
 class PreemptionFlag:
@@ -64,6 +94,9 @@ class PreemptionFlag:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         self._previous_interrupt = signal.getsignal(signal.SIGINT)  # None: set outside Python
         self._takes_interrupts = self._previous_interrupt not in (signal.SIG_IGN, None)
+        # Made by a command before its imports (`print_interrupts_in_one_line`): until `started()`
+        # a Ctrl-C stops the process at once, as it would have without this flag.
+        self._starting = self._previous_interrupt is _stop_now
         if self._takes_interrupts:
             signal.signal(signal.SIGINT, self._handle_interrupt)
 
@@ -74,7 +107,9 @@ class PreemptionFlag:
         self._raised = True
 
     def _handle_interrupt(self, signum, frame):
-        del frame
+        if self._starting:
+            _stop_now(signum, frame)
+            return
         to_jax = _jax_takes_sigterm()
         # Before the first trained step there is nothing to save: stop at once; but processes of
         # a multi-process run all stop at one step boundary (JAX's sync point, see `raised`).
@@ -89,6 +124,13 @@ class PreemptionFlag:
             signal.raise_signal(signal.SIGTERM)  # to JAX's handler: every process stops at one step
         else:
             self._raised = True
+
+    def started(self) -> None:
+        """The command's imports are done: a Ctrl-C before training now raises `KeyboardInterrupt`,
+        so the run's clean-up (the workdir lock) runs."""
+        self._starting = False
+        if self._previous_interrupt is _stop_now:
+            self._previous_interrupt = signal.default_int_handler
 
     def save_on_interrupt(self) -> None:
         """From now on a Ctrl-C stops the run at the next step boundary with a checkpoint."""

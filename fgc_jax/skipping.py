@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from fgc_jax import storage
+
 Array = jax.Array
 Params = dict[str, Any]
 
@@ -294,21 +296,18 @@ def export_program(program: Callable, params: Params, input_shape: Sequence[int]
     consts = jax.tree.map(jnp.asarray, params)
     exported = jax.export.export(jax.jit(lambda images: program(consts, images)))(
         jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, EXPORT_FILE)
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
-    with open(os.path.join(directory, EXPORT_META), "w", encoding="utf-8") as f:
-        json.dump({"input_shape": list(shape), "dtype": jnp.dtype(dtype).name,
-                   "outputs": "(logits [batch, classes], tuple of [batch, C_b] 0/1 gates per gated block)"},
-                  f, indent=2)
-    return path
+    out = storage.path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(out / EXPORT_FILE, bytes(exported.serialize()))
+    storage.write_text(out / EXPORT_META, json.dumps(
+        {"input_shape": list(shape), "dtype": jnp.dtype(dtype).name,
+         "outputs": "(logits [batch, classes], tuple of [batch, C_b] 0/1 gates per gated block)"}, indent=2))
+    return os.fspath(out / EXPORT_FILE)
 
 
 def load_exported(directory: str) -> Callable[[Any], Any]:
     """The exported program as a function of images; a wrong shape or dtype is a ValueError naming both."""
-    with open(os.path.join(directory, EXPORT_FILE), "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
+    exported = jax.export.deserialize(bytearray((storage.path(directory) / EXPORT_FILE).read_bytes()))
     (expected,) = exported.in_avals
 
     def call(images: Any) -> Any:

@@ -2,8 +2,8 @@
 
 Every read and write of a workdir, an evaluation output directory or `init_from` goes
 through `etils.epath` paths made here (tests/test_gcs.py fails if a module of fgc_jax
-bypasses them). epath serves local paths with the `os` module and `gs://` with gcsfs (or
-`tf.io.gfile` where TensorFlow is installed), the library orbax itself uses for checkpoints;
+bypasses them). epath serves local paths with the `os` module and `gs://` with gcsfs (also
+where TensorFlow is installed, see below), the library orbax itself uses for checkpoints;
 `pip install 'fgc_jax[gcs]'` installs what `gs://` needs. The workdir lock on Cloud Storage
 (`fgc_jax.workdir_lock`) uses the google-cloud-storage client for its preconditions.
 
@@ -18,6 +18,11 @@ import os
 from typing import Callable
 
 from etils import epath
+
+# gs:// through gcsfs, the backend the gcs extra installs, for our files and orbax's alike: where
+# TensorFlow is installed (the imagenet extra) epath would otherwise switch to tf.io.gfile, whose
+# Cloud Storage support is another install and another behaviour. Set EPATH_USE_TF=true to choose it.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 GCS_EXTRA = "pip install 'fgc_jax[gcs]'"
 CHECK_DEADLINE_S = 15.0  # how long `check_usable` retries an unreachable Cloud Storage

@@ -277,3 +277,19 @@ def test_an_evaluation_interrupted_while_writing_leaves_no_report(tiny_setup, tm
         compare.read_report(str(out))
     report = evaluate.run_evaluation(config, str(out), workdir=str(tmp_path / "run"))
     assert compare.read_report(str(out))["top1"] == report["top1"]
+
+
+def test_ctrl_c_during_the_imports_of_a_command_is_one_line(tmp_path):
+    """A Ctrl-C one second after `python -m fgc_jax.main` starts lands in its imports (JAX, Flax,
+    orbax take seconds; on a fast host it may land a little later, before training): one line, no
+    traceback (an interrupted extension module's import once surfaced as an ImportError), ended
+    as interrupted, nothing saved."""
+    workdir = tmp_path / "run"
+    console = Console([sys.executable, "-m", "fgc_jax.main", "--config=configs/quickstart.py",
+                       f"--workdir={workdir}"], subprocess_env())
+    time.sleep(1.0)
+    console.interrupt()
+    assert console.finish(timeout=120) == INTERRUPTED, console.text()[-4000:]
+    assert_one_interrupt_line(console, r"stopped (while the command started|before training began), "
+                                       r"nothing was saved; rerun the same command.*")
+    assert not (workdir / "checkpoints").exists()
