@@ -172,7 +172,7 @@ def test_input_spec_needs_no_data():
     config = resnet20_cifar.get_config()
     config.data.dir = "/nonexistent"
     assert input_pipeline.input_spec(config) == ((32, 32, 3), 10)
-    config.dataset = "imagenet2012"
+    config.dataset, config.data.source = "imagenet2012", "imagenet_folder"
     config.data.image_size = 160
     assert input_pipeline.input_spec(config) == ((160, 160, 3), 1000)
     config.dataset, config.data.source = "digits", "sklearn"
