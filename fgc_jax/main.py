@@ -35,7 +35,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    _PREEMPTION.started()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _PREEMPTION.raised_here():  # before the restart below, which would forget the signal

@@ -3,11 +3,9 @@
 SIGTERM (preemption) sets the flag at any time: the loop saves a checkpoint of the next step
 boundary and returns. Ctrl-C depends on how far the run is:
 
-- while the command imports its libraries (`print_interrupts_in_one_line` until `started`),
-  it stops the process at once with one line;
-- before the first training step (flag parsing, data preparation, the first restore, the
-  first compilation) nothing has been trained, so it stops the process at once: the usual
-  `KeyboardInterrupt`, which `fgc_jax.cli.run` turns into one line;
+- before the first training step (the command's imports, flag parsing, data preparation, the
+  first restore, the first compilation) nothing has been trained, so it stops the process at
+  once with one line (`_stop_now`; where a library caller made the flag: a `KeyboardInterrupt`);
 - from the first step on (`save_on_interrupt`), it takes SIGTERM's path: a checkpoint of the
   next step boundary, then a `KeyboardInterrupt` naming that step. A second Ctrl-C stops the
   process at once (SIGINT's default action), without that checkpoint; the earlier ones are
@@ -29,14 +27,17 @@ _INTERRUPTED = "interrupted (Ctrl-C): "
 _STOPPED_STARTING = "stopped while the command started, nothing was saved; rerun the same command"
 
 
-def _stop_now(signum, frame) -> None:
-    """SIGINT while a command imports its libraries: one line, then SIGINT's default action.
+def _stop_now(signum, frame, reason: str = _STOPPED_STARTING) -> None:
+    """SIGINT while a command starts: one line, then SIGINT's default action.
 
-    Raising `KeyboardInterrupt` there instead can surface as an `ImportError` (with a traceback)
-    of whichever extension module it interrupts (numpy's, jaxlib's).
+    Raising `KeyboardInterrupt` there instead lands wherever the main thread is: inside an
+    extension module's import it surfaces as an `ImportError` with a traceback, and inside a
+    callback from C++ (JAX's compilation) it can be printed as "ignored" while the run goes on.
+    Nothing of the run is lost: nothing has been trained, the workdir's `flock` dies with the
+    process, and every file written before training is renamed into place only when complete.
     """
     del frame
-    print(_INTERRUPTED + _STOPPED_STARTING, file=sys.stderr, flush=True)
+    print(_INTERRUPTED + reason, file=sys.stderr, flush=True)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -94,9 +95,10 @@ class PreemptionFlag:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         self._previous_interrupt = signal.getsignal(signal.SIGINT)  # None: set outside Python
         self._takes_interrupts = self._previous_interrupt not in (signal.SIG_IGN, None)
-        # Made by a command before its imports (`print_interrupts_in_one_line`): until `started()`
-        # a Ctrl-C stops the process at once, as it would have without this flag.
-        self._starting = self._previous_interrupt is _stop_now
+        # Made by a command before its imports (`print_interrupts_in_one_line`): a Ctrl-C before
+        # training stops the process at once (`_stop_now`); in a library caller's process it
+        # raises `KeyboardInterrupt` instead.
+        self._in_command = self._previous_interrupt is _stop_now
         if self._takes_interrupts:
             signal.signal(signal.SIGINT, self._handle_interrupt)
 
@@ -107,15 +109,16 @@ class PreemptionFlag:
         self._raised = True
 
     def _handle_interrupt(self, signum, frame):
-        if self._starting:
-            _stop_now(signum, frame)
-            return
         to_jax = _jax_takes_sigterm()
         # Before the first trained step there is nothing to save: stop at once; but processes of
         # a multi-process run all stop at one step boundary (JAX's sync point, see `raised`).
         if not (self._saving_on_interrupt or to_jax):
-            raise KeyboardInterrupt("stopped before training began, nothing was saved; rerun the same "
-                                    "command to start (or resume) the run")
+            reason = ("stopped before training began, nothing was saved; rerun the same command to "
+                      "start (or resume) the run")
+            if self._in_command:
+                _stop_now(signum, frame, reason)
+                return
+            raise KeyboardInterrupt(reason)
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops the process at once
         print("Ctrl-C received: the run stops at the next step boundary and saves a checkpoint "
               "(Ctrl-C again stops it at once, without that checkpoint)", file=sys.stderr, flush=True)
@@ -124,13 +127,6 @@ class PreemptionFlag:
             signal.raise_signal(signal.SIGTERM)  # to JAX's handler: every process stops at one step
         else:
             self._raised = True
-
-    def started(self) -> None:
-        """The command's imports are done: a Ctrl-C before training now raises `KeyboardInterrupt`,
-        so the run's clean-up (the workdir lock) runs."""
-        self._starting = False
-        if self._previous_interrupt is _stop_now:
-            self._previous_interrupt = signal.default_int_handler
 
     def save_on_interrupt(self) -> None:
         """From now on a Ctrl-C stops the run at the next step boundary with a checkpoint."""
