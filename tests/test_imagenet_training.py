@@ -3,15 +3,18 @@
 Both stages (BAS, then FGC with k-NN positives from the first FGC epoch) on the 8 virtual
 CPU devices; SIGTERM in the FGC stage and the same call again equal an uninterrupted run bit
 for bit (kill -9 at any moment is tests/test_reliability.py's, on any config); then evaluation
-(per-example MACs, pictures) and compare on its workdir; a training set of another size is
-refused before resuming. At CI size the network is the config's own data path, schedule and banks with a depth-8
-CIFAR-style ResNet at 32 px (ResNet-18 itself takes minutes to compile on 2 cores; its run
-is the README's longer one). Oracles: the uninterrupted run, the MACs accounting's dense
-figure, the sample's sizes.
+(per-example MACs, pictures), compare and the cost command on its workdir; a training set of
+another size is refused before resuming. At CI size the network is the config's own data path,
+schedule and banks with a depth-8 CIFAR-style ResNet at 32 px (ResNet-18 itself takes minutes
+to compile on 2 cores; its run is the README's longer one). Oracles: the uninterrupted run,
+dense MACs counted by hand, the sample's sizes.
 """
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +26,7 @@ from configs import resnet18_imagenet
 from conftest import CIFAR_MINI
 from fgc_jax import checkpointing, compare, evaluate, train
 from fgc_jax.data import imagenet_sample
-from test_reliability import assert_same_arrays, metric_rows, read_state
+from test_reliability import REPO, assert_same_arrays, metric_rows, read_state, subprocess_env
 
 # 194 sample images at batch 32: 7 steps an epoch; BAS epoch 0, FGC (k-NN positives) epoch 1.
 TINY = {"data.source": "imagenet_folder", "data.image_size": 32, "model.arch": "cifar_resnet",
@@ -95,6 +98,16 @@ def test_both_stages_stop_resume_evaluate_compare(folder, tmp_path):
         assert (workdir / "eval" / picture).stat().st_size > 0
     table = compare.format_table(["stopped"], [compare.read_report(str(workdir))])
     assert "stopped" in table and f"{100 * report['top1']:.2f}" in table
+    # The cost command on the run's config: the network's dense MACs, by hand: a 3x3 stem (3 -> 16
+    # channels) at 32x32, then two 3x3 convs per block: 16->16 at 32x32, 16->32 and 32->32 at 16x16,
+    # 32->64 and 64->64 at 8x8 (option-A shortcuts: no MACs).
+    dense = 9 * (3 * 16 * 1024 + 2 * 16 * 16 * 1024 + (16 * 32 + 32 * 32) * 256 + (32 * 64 + 64 * 64) * 64)
+    command = [sys.executable, "-m", "fgc_jax.cost", "--config=configs/resnet18_imagenet.py", "--json",
+               f"--config.data.dir={folder}", *(f"--config.{k}={v}" for k, v in TINY.items())]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["dense_macs"] == report["dense_macs"] == dense == 12_238_848
 
     # One image fewer: 193 rows pad to the same 200-row banks, yet the resume is refused.
     smaller = tmp_path / "smaller"

@@ -10,12 +10,13 @@ import os
 import pathlib
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from conftest import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -187,12 +188,6 @@ distributed.initialize(timeout_seconds=timeout)
 print(json.dumps(dict(task=int(os.environ["SLURM_PROCID"]), index=jax.process_index(),
                       count=jax.process_count(), argv=sys.argv[1:])))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -61,6 +61,7 @@ def test_flops_split_into_model_and_fgc_terms(plans):
     assert 3.5 <= two.fgc_flops / eight.fgc_flops <= 4.2  # bank rows / devices
 
 
+@pytest.mark.slow
 def test_plan_command_json_and_one_line_errors():
     command = [sys.executable, "-m", "fgc_jax.cost", "--config=configs/quickstart.py",
                "--config.model.depth=8", "--config.batch_size=16", "--config.eval_batch_size=16",

@@ -129,6 +129,7 @@ def wait_for(predicate, process, timeout=300, interval=0.005):
     raise TimeoutError
 
 
+@pytest.mark.slow
 def test_kill_9_at_several_moments_then_resume_equals_an_uninterrupted_run(tmp_path, straight):
     """kill -9 after the first log row, in the middle of a checkpoint save, and at start-up
     once the lock is taken; each rerun of the same command resumes. Final arrays, metrics.jsonl and

@@ -40,6 +40,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from conftest import free_port
 from fgc_jax import losses, memory_bank
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -72,12 +73,6 @@ CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPIL
 
 # ----------------------------------------------------------------------------------------------
 # Helpers: launching runs, reading their results.
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env(compilation_cache: pathlib.Path | None = None) -> dict[str, str]:

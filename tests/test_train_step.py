@@ -74,6 +74,7 @@ def assert_trees_close(a, b, atol):
 PHASES = [Phase.BAS, Phase.BAS, Phase.FGC_INSTANCE, Phase.FGC_NEIGHBOURS, Phase.FGC_NEIGHBOURS]
 
 
+@pytest.mark.slow
 @pytest.mark.needs_devices(8)
 @pytest.mark.parametrize("sync_batch_norm", [True, False])
 def test_one_and_eight_devices_agree(sync_batch_norm):

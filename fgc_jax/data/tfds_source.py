@@ -1,6 +1,9 @@
 """tfds datasets as array_record (`config.data.source='tfds'`), read by index.
 
-Reading needs no TensorFlow. Preparing ImageNet from its two tars (once, by tfds's own
+Reading needs no TensorFlow, from a local disk or from `gs://` (array_record's reader has its
+own Cloud Storage client; tests/test_imagenet_data.py reads through it from an emulator).
+Preparation writes to a local disk only, so a `gs://` data_dir is prepared locally and copied
+there. Preparing ImageNet from its two tars (once, by tfds's own
 imagenet2012 builder) does: `pip install -e '.[imagenet]'`. Before tfds is asked to
 prepare, `_check_preparation` names what is missing (a tar, TensorFlow) and refuses a
 multi-process run, whose hosts would all prepare at once; tfds writes into an
@@ -68,6 +71,13 @@ def _check_preparation(data_dir: str | None, manual_dir: str) -> None:
     if builder.is_prepared():
         return
     where = f"data_dir={data_dir or 'the tfds default (~/tensorflow_datasets)'}"
+    if data_dir and "://" in data_dir:
+        raise ValueError(
+            f"imagenet2012 is not prepared under {where}, and tfds writes array_record files to a"
+            " local disk only (it would fail at the end of the first split); prepare it once into"
+            f" a local directory: `tfds build imagenet2012 --manual_dir={manual_dir}"
+            " --data_dir=LOCAL_DIR --file_format=array_record`, copy it (`gcloud storage cp -r"
+            f" LOCAL_DIR/imagenet2012 {data_dir}/`), then run with no --config.data.manual_dir")
     if jax.process_count() > 1:
         raise ValueError(
             f"imagenet2012 is not prepared under {where}, and each of the {jax.process_count()}"
