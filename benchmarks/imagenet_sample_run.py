@@ -46,10 +46,11 @@ def rows(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+TIMING = ("images_per_second", "ms_per_step", "eval/seconds")  # wall-clock fields no rerun repeats
+
+
 def without_timings(records: list[dict]) -> list[dict]:
-    """Metric rows less their wall-clock fields (img/s, ms/step, seconds), which no rerun repeats."""
-    return [{k: v for k, v in r.items() if k not in ("images_per_second", "ms_per_step")
-             and not k.endswith("seconds")} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 def run(command: list[str], env: dict[str, str], log: pathlib.Path, stop_after_rows: int = 0,
@@ -108,7 +109,8 @@ def main() -> int:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
                JAX_COMPILATION_CACHE_DIR=str(out / "xla_cache"))
     os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=env["XLA_FLAGS"])  # for state(): JAX starts later
-    train = [sys.executable, "-m", "fgc_jax.main", *flags(sample, args.source, args.image_size, args.batch)]
+    config = flags(sample, args.source, args.image_size, args.batch)
+    train = [sys.executable, "-m", "fgc_jax.main", *config]
     straight, stopped = out / "straight", out / "stopped"
     table = []
 
@@ -136,12 +138,11 @@ def main() -> int:
     table.append(("resumed == uninterrupted", f"{'bitwise' if same else 'DIFFERENT'}",
                   f"state at step {step_b}; metric rows {'equal' if same_rows else 'differ'}"))
 
-    common = flags(sample, args.source, args.image_size, args.batch)[1:]  # all but --config=
-    evaluate = [sys.executable, "-m", "fgc_jax.evaluate", "--config=configs/resnet18_imagenet.py", *common]
+    evaluate = [sys.executable, "-m", "fgc_jax.evaluate", *config]
     for name, command in (
             ("evaluate", [*evaluate, f"--workdir={stopped}"]),
             ("evaluate (uninterrupted run)", [*evaluate, f"--workdir={straight}"]),
-            ("cost", [sys.executable, "-m", "fgc_jax.cost", "--config=configs/resnet18_imagenet.py", *common, "--json"]),
+            ("cost", [sys.executable, "-m", "fgc_jax.cost", *config, "--json"]),
             ("compare", [sys.executable, "-m", "fgc_jax.compare", f"--output={out / 'plane.png'}",
                          str(straight / "eval"), str(stopped / "eval")])):
         log = out / (re.sub(r"\W+", "_", name).strip("_") + ".log")
