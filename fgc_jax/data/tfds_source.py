@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fgc_jax import storage
 from fgc_jax.data.common import check_labels, frozen, pool
 
 
@@ -71,7 +72,7 @@ def _check_preparation(data_dir: str | None, manual_dir: str) -> None:
     if builder.is_prepared():
         return
     where = f"data_dir={data_dir or 'the tfds default (~/tensorflow_datasets)'}"
-    if data_dir and "://" in data_dir:
+    if data_dir and storage.is_remote(data_dir):
         raise ValueError(
             f"imagenet2012 is not prepared under {where}, and tfds writes array_record files to a"
             " local disk only (it would fail at the end of the first split); prepare it once into"
