@@ -286,7 +286,7 @@ def setup_process(xla_flags: str) -> dict[str, str]:
     if "jax" in sys.modules:
         print("warning: JAX was imported before the benchmark set XLA_FLAGS", file=sys.stderr)
     sys.path.insert(0, str(REPO))
-    # These import JAX but start no backend, which reads XLA_FLAGS.
+    # These start no backend, which reads XLA_FLAGS.
     from fgc_jax import cpu_workarounds, host_memory
 
     cpu_workarounds.restart_for_cpu()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from typing import Any, Mapping
-
-import jax
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fgc_jax import host_memory
+
+if TYPE_CHECKING:  # imports nothing heavy: `fgc_jax.main` restarts before importing JAX
+    import jax
 
 # Transparent huge pages for glibc's large allocations: XLA:CPU allocates a step's
 # temporaries afresh on every execution, which otherwise page-faults them in 4 KiB at a time.

@@ -15,8 +15,6 @@ import platform
 import sys
 from typing import Callable, Mapping, Sequence
 
-from absl import logging
-
 ENV_VAR = "GLIBC_TUNABLES"
 # Set in the restarted process to the GLIBC_TUNABLES it was started with ('' = unset).
 _BEFORE_VAR = "FGC_JAX_GLIBC_TUNABLES_BEFORE_RESTART"
@@ -51,12 +49,22 @@ def reexec_with(wanted: str, *, environ: Mapping[str, str] | None = None,
     tunables = merge(wanted, current)
     if tunables == current or platform.libc_ver()[0] != "glibc":
         return
-    logging.info("Restarting the process with %s=%s (a CPU workaround: fgc_jax/cpu_workarounds.py).",
-                 ENV_VAR, tunables)
     sys.stdout.flush()
     sys.stderr.flush()
     execve(sys.executable, list(sys.orig_argv if argv is None else argv),
            {**environ, ENV_VAR: tunables, _BEFORE_VAR: current})
+
+
+def restart_note(environ: Mapping[str, str] | None = None) -> str | None:
+    """What `reexec_with` did to this process, as a line for its log (None if it did nothing).
+
+    The restarted process says it, once its logging is set up: `reexec_with` runs before that.
+    """
+    environ = os.environ if environ is None else environ
+    if _BEFORE_VAR not in environ:
+        return None
+    return (f"Restarted the process with {ENV_VAR}={environ.get(ENV_VAR, '')} "
+            "(a CPU workaround: fgc_jax/cpu_workarounds.py).")
 
 
 def environ_before_restart(environ: Mapping[str, str] | None = None) -> dict[str, str]:

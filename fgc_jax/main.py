@@ -4,11 +4,15 @@ Flags only; the work is `train.train_and_evaluate`. Config fields can be overrid
 `--config.field=value` (e.g. `--config.fgc.k=100`); unknown fields are rejected. Errors the
 user can fix print one `error: ...` line and exit with status 2 (`fgc_jax.cli`).
 """
-from fgc_jax import preemption
+from fgc_jax import cpu_workarounds, preemption
 
 # Before anything expensive: from here on SIGTERM and Ctrl-C stop the run cleanly instead of killing it.
 preemption.print_interrupts_in_one_line()
 _PREEMPTION = preemption.PreemptionFlag()
+if __name__ == "__main__" and not _PREEMPTION.raised_here():  # a SIGTERM'd run is not restarted
+    # On CPU hosts only (fgc_jax/cpu_workarounds.py), before the imports below: the restarted
+    # process would otherwise import JAX, Flax and the trainer a second time.
+    cpu_workarounds.restart_for_cpu()
 
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # noqa: E402
@@ -16,7 +20,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import jax  # noqa: E402
 
-from fgc_jax import cli, console, cpu_workarounds, distributed, train  # noqa: E402
+from fgc_jax import cli, console, distributed, host_memory, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -37,10 +41,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _PREEMPTION.raised_here():  # before the restart below, which would forget the signal
+    if _PREEMPTION.raised_here():
         logging.warning("SIGTERM before the run started: nothing to do")
         return
-    cpu_workarounds.restart_for_cpu()  # on CPU hosts only; see fgc_jax/cpu_workarounds.py
+    if note := host_memory.restart_note():
+        logging.info("%s", note)
     # Every process's start-up lines show; once the process index is known, INFO only on process 0.
     console_filter = console.install(process_index=0)
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

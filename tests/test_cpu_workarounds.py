@@ -121,6 +121,20 @@ def test_main_restarts_with_the_malloc_tunables_on_cpu_hosts_only(platforms, res
     assert lines[-1].split()[1] == (HUGETLB if restarted else "None")
 
 
+@needs_glibc
+def test_main_restarts_before_importing_jax():
+    """`python -m fgc_jax.main` restarts before its heavy imports: JAX is imported once, by the
+    restarted process (-X importtime lists each process's imports; the restart keeps the option)."""
+    env = {k: v for k, v in os.environ.items() if k != host_memory.ENV_VAR}
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "fgc_jax.main", "--workdir=unused"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]  # --config is missing: a flag error, after the restart
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert imported.count("fgc_jax.cpu_workarounds") == 2, imported  # imported by both: restarted
+    assert imported.count("jax") == 1
+
+
 def _train_step_results(monkeypatch, cpu_workarounds_on: bool):
     """Two FGC k-NN steps of a depth-8 model on an 8-device CPU mesh, with the trainer's CPU
     switches on (as on CPU) or off (as on GPU/TPU): the jaxpr's dot count, losses, state."""

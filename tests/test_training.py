@@ -159,7 +159,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     # On CPU main.py restarted itself with cpu_workarounds.MALLOC_TUNABLES first; the signal reached the
     # restarted process because it kept the pid.
     if platform.libc_ver()[0] == "glibc":
-        assert "Restarting the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in stderr
+        assert "Restarted the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in stderr
     _, step = restore_state(str(workdir))
     logged = [m["step"] for m in read_metrics(workdir) if "loss" in m]
     assert 0 < step < 50 * 12 and step >= max(logged)
