@@ -63,6 +63,18 @@ def bas_checkpoint():
     return BAS_CHECKPOINT
 
 
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory):
+    """The oracle of the kill, Ctrl-C and Cloud Storage tests: test_reliability's tiny run,
+    uninterrupted, in this process; once a session (read only)."""
+    from fgc_jax import train  # pylint: disable=import-outside-toplevel
+    from test_reliability import tiny_config  # pylint: disable=import-outside-toplevel
+
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train.train_and_evaluate(tiny_config(), workdir)
+    return workdir
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

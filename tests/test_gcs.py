@@ -23,9 +23,8 @@ import time
 import pytest
 
 from fgc_jax import storage, train, workdir_lock
-from test_reliability import (REPO, assert_same_arrays, flags_for, main_command, metric_rows,  # noqa: F401
-                              read_state, straight, subprocess_env, tensorboard_scalars, tiny_config,
-                              wait_for)
+from test_reliability import (REPO, assert_same_arrays, flags_for, main_command, metric_rows, read_state,
+                              subprocess_env, tensorboard_scalars, tiny_config, wait_for)
 from conftest import GCS_BUCKET as BUCKET, free_port
 from test_scale_out import TRAIN_FLAGS, Run
 

@@ -22,7 +22,7 @@ from fgc_jax import checkpointing, compare, evaluate, train
 from fgc_jax.preemption import PreemptionFlag
 from test_evaluate import tiny_setup  # noqa: F401 (a fixture)
 from test_reliability import (REPO, assert_same_arrays, flags_for, main_command, read_state, steps_on_disk,
-                              straight, subprocess_env, tiny_config)  # noqa: F401 (straight: a fixture)
+                              subprocess_env, tiny_config)
 from test_scale_out import (LAUNCH, RUN_TIMEOUT, STEPS_PER_EPOCH, TRAIN_FLAGS, load_checkpoint,
                             subprocess_env as multiprocess_env)
 
@@ -193,7 +193,7 @@ def test_ctrl_c_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     runs = [Console(command, multiprocess_env(), log=tmp_path / f"process_{i}.log")
             for i, command in enumerate(commands)]
     try:
-        runs[0].wait_for(r"step 5/", timeout=RUN_TIMEOUT)
+        runs[0].wait_for(r"step 2/", timeout=RUN_TIMEOUT)  # in the first phase: one train step compiled
         runs[1].interrupt()
         statuses = [run.finish(timeout=RUN_TIMEOUT) for run in runs]
     finally:
@@ -205,7 +205,7 @@ def test_ctrl_c_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     step = int(re.search(r"Stopped for preemption at step (\d+)", runs[0].text()).group(1))
     assert_one_interrupt_line(runs[1], rf"stopped at step {step} and saved a checkpoint of it; .*", last=False)
     assert "Traceback" not in runs[0].text(), output
-    assert 5 <= step < 300 * STEPS_PER_EPOCH
+    assert 2 <= step < 300 * STEPS_PER_EPOCH
     assert load_checkpoint(workdir)[0] == step
 
 

@@ -2,7 +2,7 @@
 restarts around the best checkpoint, and every bad config field.
 
 Oracles are independent of the code under test: an uninterrupted run's final arrays and logs
-(`straight` below), the bytes on disk, the exit status and stderr of the commands.
+(`straight`, in conftest.py), the bytes on disk, the exit status and stderr of the commands.
 """
 import json
 import os
@@ -104,14 +104,6 @@ def tensorboard_scalars(workdir):
                 if value.tag not in TIMING:
                     scalars.append((event.step, value.tag, value.simple_value))
     return sorted(scalars)
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The oracle: the tiny run, uninterrupted, in this process."""
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    train.train_and_evaluate(tiny_config(), workdir)
-    return workdir
 
 
 # ----------------------------------------------------------------------------------------
