@@ -3,6 +3,11 @@
     python benchmarks/cpu_workarounds.py --depths 20 56 --batch 128
     GLIBC_TUNABLES= python benchmarks/cpu_workarounds.py ...          # malloc tunables: run
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/cpu_workarounds.py ...  # twice
+    python benchmarks/cpu_workarounds.py --batch_shaping --depths 20 56 --batch 128
+
+`--batch_shaping`: the batch-shaping loss summed unrolled or in loops (`series_loop`), as a BAS
+train step computes it (loss and gradient of every gated block), compiled and run each way:
+compile seconds, median ms per run, and whether both give the same bits.
 
 Times a float32 model-only train step (gated CIFAR ResNet forward + backward in train mode,
 cross-entropy, SGD) on one device of the current backend, with
@@ -25,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from fgc_jax import cifar_resnet  # noqa: E402
+from fgc_jax import cifar_resnet, losses  # noqa: E402
 
 
 def make_step(depth: int, batch: int, materialise: bool):
@@ -53,13 +58,48 @@ def make_step(depth: int, batch: int, materialise: bool):
     return step, state
 
 
+def batch_shaping_table(depths: list[int], batch: int, repeats: int) -> None:
+    """Compile and run time of the batch-shaping loss and gradient, unrolled against in loops."""
+    print(f"backend {jax.default_backend()}, batch {batch}: batch-shaping loss and gradient of every gated "
+          f"block, one program; compile s, median (min-max) ms over {repeats} alternating runs")
+    print("| model | compile unrolled | compile loops | run unrolled | run loops | same bits |")
+    print("|---|---|---|---|---|---|")
+    for depth in depths:
+        rng = np.random.default_rng(0)
+        widths = [w for w in (16, 32, 64) for _ in range((depth - 2) // 6)]  # one gate per block
+        probs = [jnp.asarray(1 / (1 + np.exp(-rng.normal(0, 2, (batch, w)))), jnp.float32) for w in widths]
+        compiled, compile_s, times, results = {}, {}, {False: [], True: []}, {}
+        for loop in (False, True):
+            fn = jax.jit(jax.value_and_grad(
+                lambda ps, loop=loop: sum(losses.batch_shaping_loss(p, series_loop=loop) for p in ps)))
+            start = time.perf_counter()
+            compiled[loop] = fn.lower(probs).compile()
+            compile_s[loop] = time.perf_counter() - start
+            results[loop] = jax.tree.leaves(jax.block_until_ready(compiled[loop](probs)))
+        for r in range(repeats):
+            for loop in (False, True) if r % 2 == 0 else (True, False):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled[loop](probs))
+                times[loop].append(1000 * (time.perf_counter() - start))
+        same = all(np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+                   for a, b in zip(results[False], results[True]))
+        cell = {f: f"{statistics.median(times[f]):.1f} ({min(times[f]):.1f}-{max(times[f]):.1f})" for f in times}
+        print(f"| ResNet-{depth} | {compile_s[False]:.1f} | {compile_s[True]:.1f} | {cell[False]} | {cell[True]} "
+              f"| {'yes' if same else 'NO'} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
     p.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each variant")
+    p.add_argument("--batch_shaping", action="store_true",
+                   help="time the batch-shaping loss unrolled against in loops instead")
     args = p.parse_args(argv)
+    if args.batch_shaping:
+        batch_shaping_table(args.depths, args.batch, args.repeats)
+        return
     print(f"backend {jax.default_backend()}, batch {args.batch}, float32, model-only train step; "
           f"median (min-max) ms/step over {args.repeats} alternating repetitions of {args.steps} steps")
     print("| model | materialise off | materialise on | on/off |")

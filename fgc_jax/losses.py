@@ -7,6 +7,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.scipy import special
 
 from fgc_jax import memory_bank
@@ -34,13 +35,15 @@ def l0_loss(probs: Sequence[Array], mask: Array | None = None, axis_name: str | 
 
 
 def batch_shaping_loss(prob: Array, alpha: float = BATCH_SHAPING_ALPHA,
-                       beta: float = BATCH_SHAPING_BETA, mask: Array | None = None) -> Array:
+                       beta: float = BATCH_SHAPING_BETA, mask: Array | None = None, *,
+                       series_loop: bool = False) -> Array:
     """Cramér–von Mises distance of each channel's batch of probabilities to Beta(alpha, beta).
 
     `prob` is `[batch, channels]` over the batch on which the CDF is taken (the global
     batch). Loss `sum_{i,c} (i/(N+1) - BetaCDF(x_(i)))^2 / N`; its gradient is the
     reference's `-2 pdf(x_(i)) (e_i - c_i) / N`, an infinite pdf counting as 0. With
-    `mask` [batch], N and the CDF are those of the real examples alone.
+    `mask` [batch], N and the CDF are those of the real examples alone. `series_loop`: see
+    `beta_cdf` (the same values either way).
     """
     if prob.ndim != 2:
         raise ValueError(f"batch_shaping_loss expects [batch, channels] probabilities, got shape {prob.shape}")
@@ -48,10 +51,10 @@ def batch_shaping_loss(prob: Array, alpha: float = BATCH_SHAPING_ALPHA,
         raise ValueError(f"Beta prior parameters must be positive, got alpha={alpha}, beta={beta}")
     if mask is None:
         mask = jnp.ones(prob.shape[0], bool)
-    return _batch_shaping(prob.astype(jnp.float32), mask, float(alpha), float(beta))
+    return _batch_shaping(prob.astype(jnp.float32), mask, float(alpha), float(beta), bool(series_loop))
 
 
-def beta_cdf(x: Array, alpha: float, beta: float, num_terms: int = 48) -> Array:
+def beta_cdf(x: Array, alpha: float, beta: float, num_terms: int = 48, *, loop: bool = False) -> Array:
     """Regularised incomplete beta function I_x(alpha, beta), accurate to float32 rounding.
 
     `jax.scipy.special.betainc` is off by up to ~50 float32 ulps for the batch-shaping prior
@@ -60,23 +63,38 @@ def beta_cdf(x: Array, alpha: float, beta: float, num_terms: int = 48) -> Array:
     on whichever side of 1/2 `x` lies (`I_x(a, b) = 1 - I_{1-x}(b, a)`), so the ratio of
     consecutive terms is at most 1/2 and the sum is done after `num_terms` terms. For
     alpha, beta <= 1 every term is positive: no cancellation.
+
+    `loop=True` sums in `lax.scan` loops instead of unrolled operations: the same operations in
+    the same order, so the same bits, and a program XLA:CPU compiles ~8 s faster (unrolled in
+    a train step, where the loss is an output too, it splits the series into ~150 fusions);
+    on accelerators it would cost one loop iteration per term (`fgc_jax.cpu_workarounds`).
     """
     x = jnp.asarray(x, jnp.float32)
     flip = x > 0.5
     y = jnp.where(flip, 1.0 - x, x)
     a, b = jnp.where(flip, beta, alpha), jnp.where(flip, alpha, beta)
-    terms, coefficient, power = [], jnp.ones_like(y), jnp.ones_like(y)
-    for n in range(num_terms):
-        terms.append(coefficient * power / (a + n))
-        coefficient = coefficient * (n + 1 - b) / (n + 1)
-        power = power * y
-    series = functools.reduce(jnp.add, reversed(terms))  # smallest terms first
+
+    def term(carry, n):  # the n-th term, and the next one's coefficient and power of y
+        coefficient, power = carry
+        return (coefficient * (n + 1 - b) / (n + 1), power * y), coefficient * power / (a + n)
+
+    first = (jnp.ones_like(y), jnp.ones_like(y))
+    if loop:
+        _, terms = lax.scan(term, first, jnp.arange(num_terms, dtype=jnp.float32))
+        series, _ = lax.scan(lambda total, t: (total + t, None), terms[-1], terms[-2::-1])  # smallest first
+    else:
+        carry, terms = first, []
+        for n in range(num_terms):
+            carry, t = term(carry, n)
+            terms.append(t)
+        series = functools.reduce(jnp.add, reversed(terms))  # smallest terms first
     inverse_beta = math.exp(math.lgamma(alpha + beta) - math.lgamma(alpha) - math.lgamma(beta))
     near_side = jnp.power(y, a) * inverse_beta * series
     return jnp.where(flip, 1.0 - near_side, near_side)
 
 
-def _batch_shaping_terms(prob: Array, mask: Array, alpha: float, beta: float) -> tuple[Array, Array]:
+def _batch_shaping_terms(prob: Array, mask: Array, alpha: float, beta: float, series_loop: bool
+                         ) -> tuple[Array, Array]:
     n = jnp.sum(mask).astype(jnp.float32)
     # Padding sorts after every probability (all <= 1) and is then left out.
     order = jnp.argsort(jnp.where(mask[:, None], prob, 2.0), axis=0)
@@ -84,7 +102,7 @@ def _batch_shaping_terms(prob: Array, mask: Array, alpha: float, beta: float) ->
     position = jnp.arange(1, prob.shape[0] + 1, dtype=jnp.float32)[:, None]
     real = position <= n
     x = jnp.where(real, x, 0.5)
-    gap = jnp.where(real, position / (n + 1) - beta_cdf(x, alpha, beta), 0.0)
+    gap = jnp.where(real, position / (n + 1) - beta_cdf(x, alpha, beta, loop=series_loop), 0.0)
     loss = jnp.sum(gap ** 2) / n
     log_pdf = ((alpha - 1) * jnp.log(x) + (beta - 1) * jnp.log1p(-x)
                - special.betaln(alpha, beta))
@@ -96,17 +114,17 @@ def _batch_shaping_terms(prob: Array, mask: Array, alpha: float, beta: float) ->
     return loss, grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _batch_shaping(prob: Array, mask: Array, alpha: float, beta: float) -> Array:
-    return _batch_shaping_terms(prob, mask, alpha, beta)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _batch_shaping(prob: Array, mask: Array, alpha: float, beta: float, series_loop: bool) -> Array:
+    return _batch_shaping_terms(prob, mask, alpha, beta, series_loop)[0]
 
 
-def _batch_shaping_fwd(prob, mask, alpha, beta):
-    return _batch_shaping_terms(prob, mask, alpha, beta)
+def _batch_shaping_fwd(prob, mask, alpha, beta, series_loop):
+    return _batch_shaping_terms(prob, mask, alpha, beta, series_loop)
 
 
-def _batch_shaping_bwd(alpha, beta, grad, cotangent):
-    del alpha, beta
+def _batch_shaping_bwd(alpha, beta, series_loop, grad, cotangent):
+    del alpha, beta, series_loop
     return cotangent * grad, None
 
 

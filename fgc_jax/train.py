@@ -271,8 +271,10 @@ class Trainer:
             if probs:  # batch shaping: a loss of the global batch's distribution of each gate
                 replicated = NamedSharding(self.mesh, P())
                 mask = jax.reshard(batch["mask"], replicated)
+                series_loop = cpu_workarounds.batch_shaping_series_loop(self.mesh)
                 shaping = sum(losses.batch_shaping_loss(jax.reshard(p, replicated), self.config.bas.alpha,
-                                                        self.config.bas.beta, mask) for p in probs)
+                                                        self.config.bas.beta, mask, series_loop=series_loop)
+                              for p in probs)
                 total = total + weights["zeta"] * shaping
                 aux[2]["batch_shaping"] = shaping
             return total, aux

@@ -1,4 +1,6 @@
 """Tests of fgc_jax.losses against NumPy/SciPy implementations of FGC_SPEC.md §2."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,11 +55,13 @@ def shaping_probs():
     return prob
 
 
+@pytest.mark.parametrize("series_loop", [False, True])
 @pytest.mark.parametrize("a,b", [(0.6, 0.4), (2.0, 3.0)])
-def test_batch_shaping_value_and_gradient_match_scipy(a, b):
+def test_batch_shaping_value_and_gradient_match_scipy(a, b, series_loop):
     prob = shaping_probs()
     expected_loss, expected_grad = batch_shaping_numpy(prob, a, b)
-    loss, grad = jax.value_and_grad(losses.batch_shaping_loss)(jnp.asarray(prob), a, b)
+    loss, grad = jax.value_and_grad(functools.partial(losses.batch_shaping_loss, series_loop=series_loop))(
+        jnp.asarray(prob), a, b)
     np.testing.assert_allclose(loss, expected_loss, rtol=2e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=2e-4, atol=1e-6)
     if (a, b) == (0.6, 0.4):
@@ -75,11 +79,31 @@ def test_batch_shaping_defaults_are_the_spec_prior_and_chain_rule_applies():
 
 @pytest.mark.parametrize("a,b", [(0.6, 0.4), (0.4, 0.6), (0.5, 0.5), (1.0, 1.0), (2.0, 3.0)])
 def test_beta_cdf_is_float32_accurate(a, b):
-    """Within 3 float32 ulps of SciPy's float64 CDF (jax.scipy's betainc is off by ~50)."""
+    """Within 3 float32 ulps of SciPy's float64 CDF (jax.scipy's betainc is off by ~50); summed
+    in loops (the trainer's CPU option), the very same bits."""
     x = np.random.default_rng(3).uniform(0, 1, 20_000).astype(np.float32)
     x = np.concatenate([x, np.float32([0.0, 1e-30, 1e-6, 1e-3, 0.5, 0.999, 1 - 2 ** -24, 1.0])])
-    got = np.asarray(jax.jit(losses.beta_cdf, static_argnums=(1, 2))(x, a, b), np.float64)
-    np.testing.assert_allclose(got, stats.beta.cdf(x.astype(np.float64), a, b), rtol=0, atol=1.8e-7)
+    got = np.asarray(jax.jit(losses.beta_cdf, static_argnums=(1, 2))(x, a, b))
+    np.testing.assert_allclose(got.astype(np.float64), stats.beta.cdf(x.astype(np.float64), a, b), rtol=0,
+                               atol=1.8e-7)
+    looped = np.asarray(jax.jit(functools.partial(losses.beta_cdf, loop=True), static_argnums=(1, 2))(x, a, b))
+    np.testing.assert_array_equal(looped.view(np.uint32), got.view(np.uint32))
+
+
+def test_batch_shaping_summed_in_loops_is_the_same_bits_in_a_compiled_step():
+    """The loss and its gradient, jitted as in a train step (both outputs live), on a padded
+    batch: the CPU option changes the program, not one bit of the result."""
+    rng = np.random.default_rng(4)
+    prob = jnp.asarray(1.0 / (1.0 + np.exp(-rng.normal(0, 2, (96, 24)))), jnp.float32)
+    mask = jnp.arange(96) < 90
+
+    def loss_and_grad(series_loop):
+        step = jax.jit(jax.value_and_grad(lambda p: losses.batch_shaping_loss(p, mask=mask, series_loop=series_loop)))
+        return jax.tree.map(np.asarray, step(prob))
+
+    unrolled, looped = loss_and_grad(False), loss_and_grad(True)
+    for u, v in zip(jax.tree.leaves(unrolled), jax.tree.leaves(looped)):
+        np.testing.assert_array_equal(v.view(np.uint32), u.view(np.uint32))
 
 
 def test_batch_shaping_of_a_padded_batch_is_that_of_its_real_examples():
