@@ -272,8 +272,8 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     run = Run(workdir, 2, 2, *TRAIN_FLAGS, "--config.num_epochs=300", timeout=120)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + RUN_TIMEOUT
-    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:  # in the first (BAS) phase:
-        # only its train step compiles
+    # Signalled in the first (BAS) phase: each process compiles one train step, not two.
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
         assert run.process.poll() is None and time.monotonic() < deadline, run.wait(timeout=60)[1][-4000:]
         time.sleep(0.5)
     pids = subprocess.run(["pgrep", "-f", f"fgc_jax.main --workdir={workdir} .*--process_id=1 "],
