@@ -65,9 +65,10 @@ def beta_cdf(x: Array, alpha: float, beta: float, num_terms: int = 48, *, loop: 
     alpha, beta <= 1 every term is positive: no cancellation.
 
     `loop=True` sums in `lax.scan` loops instead of unrolled operations: the same operations in
-    the same order, so the same bits, and a program XLA:CPU compiles ~8 s faster (unrolled in
-    a train step, where the loss is an output too, it splits the series into ~150 fusions);
-    on accelerators it would cost one loop iteration per term (`fgc_jax.cpu_workarounds`).
+    the same order, so the same bits. Unrolled in a train step (the loss an output as well as
+    its gradient) XLA:CPU splits the series into ~150 fusions a call and compiles them for
+    seconds (docs/performance.md); on accelerators a loop would cost an iteration per term, so
+    only the trainer's CPU runs use it (`fgc_jax.cpu_workarounds`).
     """
     x = jnp.asarray(x, jnp.float32)
     flip = x > 0.5
