@@ -6,26 +6,29 @@ against NumPy, not TF32's rounding), tests marked `needs_devices(n)` skip where 
 devices exist, and tests marked `needs_cpu` (of XLA:CPU's own figures) skip on other backends.
 """
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session, this process and every command a test starts (they
+# inherit the environment): the tests' many small runs share their programs. Every program is
+# kept, however fast it compiled: a checkpoint's first save alone compiles ~100 small slicing
+# programs (~10 s on 2 cores), which a later process then reads back in milliseconds.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fgc_jax_test_xla_cache_"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Many tests build the same small programs; compile each once per test session.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fgc_jax_test_xla_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 if os.environ["JAX_PLATFORMS"] != "cpu":
     jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -131,9 +131,7 @@ def test_good_profile_steps_are_accepted():
 @pytest.mark.slow
 def test_short_run_prints_a_short_readable_console_and_writes_a_profile(tmp_path):
     """24 steps through BAS, FGC warm-up and FGC, two evaluations, checkpoints and a profile."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("GLIBC_TUNABLES", None)
     flags = ["--config.model.depth=8", "--config.num_epochs=3", "--config.bas.epochs=1",
              "--config.fgc.warmup_epochs=1", "--config.sparsity.ramp_epochs=1",

@@ -185,7 +185,8 @@ def test_ctrl_c_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     its own terminal, with SIGINT's default disposition). Both stop at the same step, a
     checkpoint of it on disk; process 1 ends as interrupted, process 0 as preempted."""
     workdir = tmp_path / "run"
-    flags = (f"--workdir={workdir}", *TRAIN_FLAGS, "--config.num_epochs=300")
+    # BAS throughout: each process compiles one train step, wherever the stop falls.
+    flags = (f"--workdir={workdir}", *TRAIN_FLAGS, "--config.num_epochs=300", "--config.bas.epochs=300")
     dry_run = subprocess.run([str(LAUNCH), "-n", "2", "-d", "2", "-t", "120", "--dry-run", "--", *flags],
                              cwd=REPO, env=multiprocess_env(), capture_output=True, text=True, check=True)
     commands = [shlex.split(line) for line in dry_run.stdout.splitlines()]
@@ -193,7 +194,7 @@ def test_ctrl_c_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     runs = [Console(command, multiprocess_env(), log=tmp_path / f"process_{i}.log")
             for i, command in enumerate(commands)]
     try:
-        runs[0].wait_for(r"step 2/", timeout=RUN_TIMEOUT)  # in the first phase: one train step compiled
+        runs[0].wait_for(r"step 2/", timeout=RUN_TIMEOUT)
         runs[1].interrupt()
         statuses = [run.finish(timeout=RUN_TIMEOUT) for run in runs]
     finally:

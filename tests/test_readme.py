@@ -5,14 +5,12 @@ elsewhere: the quickstart and the test command run in tests/test_training.py and
 launch scripts in tests/test_launch.py and tests/test_scale_out.py.
 """
 import json
-import os
 import pathlib
 import re
 import shlex
 import subprocess
 import sys
 
-import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,12 +47,11 @@ def commands(block: str) -> list[list[str]]:
 
 
 def run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """A README command, compiling through the test run's cache (test_evaluate runs the same programs)."""
+    """A README command (compiling through the session's cache, conftest.py: test_evaluate runs the
+    same programs)."""
     if argv[0] == "python":
         argv = [sys.executable, *argv[1:]]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def test_readme_library_example_runs():

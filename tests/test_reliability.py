@@ -45,10 +45,8 @@ def flags_for(**overrides):
 
 
 def subprocess_env():
-    """The test's 8 virtual devices and its compilation cache, for `python -m fgc_jax.main`."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    """The test's 8 virtual devices and its compilation cache (conftest.py), for `python -m fgc_jax.main`."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("GLIBC_TUNABLES", None)
     return env
 

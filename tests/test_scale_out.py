@@ -269,10 +269,10 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     """JAX's preemption service takes SIGTERM in a multi-process run: every process stops at the
     same sync-point step with a checkpoint, though only process 1 was signalled."""
     workdir = tmp_path / "run"
-    run = Run(workdir, 2, 2, *TRAIN_FLAGS, "--config.num_epochs=300", timeout=120)
+    # BAS throughout: each process compiles one train step, wherever the stop falls.
+    run = Run(workdir, 2, 2, *TRAIN_FLAGS, "--config.num_epochs=300", "--config.bas.epochs=300", timeout=120)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + RUN_TIMEOUT
-    # Signalled in the first (BAS) phase: each process compiles one train step, not two.
     while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
         assert run.process.poll() is None and time.monotonic() < deadline, run.wait(timeout=60)[1][-4000:]
         time.sleep(0.5)

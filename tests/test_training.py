@@ -17,6 +17,7 @@ import pytest
 
 from configs import quickstart, resnet20_cifar
 from fgc_jax import checkpointing, train
+from test_reliability import flags_for, subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -142,10 +143,8 @@ def test_unknown_config_field_is_rejected(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "run"
-    overrides = ["--config.model.depth=8", "--config.num_epochs=50", "--config.log_every_steps=1"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    env.pop("GLIBC_TUNABLES", None)
-    process = subprocess.Popen(main_command(workdir, *overrides), cwd=REPO, env=env,
+    # test_reliability's tiny run, made long: it compiles nothing the session has not compiled.
+    process = subprocess.Popen(main_command(workdir, *flags_for(num_epochs=50)), cwd=REPO, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
