@@ -2,10 +2,13 @@
 import ast
 import configparser
 import importlib.metadata
+import importlib.util
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 import fgc_jax
 
@@ -44,6 +47,18 @@ def test_import_is_light_and_defines_no_flags():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          check=True).stdout.splitlines()
     assert out == ["[]", "[]"]
+
+
+def test_training_commands_start_without_importing_torch():
+    """tensorboardX would import PyTorch (seconds) where it is installed; the trainer keeps it
+    out, and PyTorch stays importable afterwards (fgc_jax.torch_import needs it)."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch is not installed (the torch extra): nothing to keep out")
+    code = ("import sys, fgc_jax.train, fgc_jax.metric_writers; print('torch' in sys.modules); "
+            "import torch; print(torch.tensor([2.0]).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.splitlines()
+    assert out == ["False", "2.0"]
 
 
 def test_version_is_the_installed_distributions():
