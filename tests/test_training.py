@@ -210,7 +210,9 @@ def test_quickstart_completes(tmp_path):
     assert floor == QUICKSTART_TOP1_FLOOR and min(avx2_top1, avx512_top1) > floor
     assert QUICKSTART_PRUNING_BAND[0] < avx2_pruned < QUICKSTART_PRUNING_BAND[1]
     lines = int(re.search(r"It prints (\d+) lines", readme).group(1))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    # As a user runs it: one CPU device, without the session's compilation cache (conftest.py).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
     result = subprocess.run(main_command(tmp_path), cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -221,7 +223,9 @@ def test_quickstart_completes(tmp_path):
     print(f"quickstart: top-1 {final['eval/top1']:.4f}, pruning ratio {final['eval/pruning_ratio']:.3f}")
     assert final["eval/top1"] > QUICKSTART_TOP1_FLOOR
     assert QUICKSTART_PRUNING_BAND[0] < final["eval/pruning_ratio"] < QUICKSTART_PRUNING_BAND[1]
-    assert abs(len(result.stderr.splitlines()) - lines) <= 3, result.stderr
+    # orbax warns when a save waits over a second for the one before: as often as the host is slow.
+    shown = [line for line in result.stderr.splitlines() if "Waiting for previous save to complete" not in line]
+    assert abs(len(shown) - lines) <= 3, result.stderr
 
 
 @pytest.mark.slow
