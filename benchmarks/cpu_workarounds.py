@@ -4,10 +4,16 @@
     GLIBC_TUNABLES= python benchmarks/cpu_workarounds.py ...          # malloc tunables: run
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/cpu_workarounds.py ...  # twice
     python benchmarks/cpu_workarounds.py --batch_shaping --depths 20 56 --batch 128
+    python benchmarks/cpu_workarounds.py --threefry --depths 8 20 56 --batch 128
 
 `--batch_shaping`: the batch-shaping loss summed unrolled or in loops (`series_loop`), as a BAS
 train step computes it (loss and gradient of every gated block), compiled and run each way:
 compile seconds, median ms per run, and whether both give the same bits.
+
+`--threefry`: JAX's CPU lowering of Threefry-2x32 (a 5-iteration loop before jax-ml/jax#37872)
+against its unrolled one (`cpu_workarounds.unrolled_threefry`): compile seconds of the model's
+initialisation (one draw per parameter), median ms of one step's gate noise (a uniform draw
+per gated block), and whether both give the same bits.
 
 Times a float32 model-only train step (gated CIFAR ResNet forward + backward in train mode,
 cross-entropy, SGD) on one device of the current backend, with
@@ -88,6 +94,48 @@ def batch_shaping_table(depths: list[int], batch: int, repeats: int) -> None:
               f"| {'yes' if same else 'NO'} |", flush=True)
 
 
+def threefry_table(depths: list[int], batch: int, repeats: int) -> None:
+    """Compile time of a model's initialisation and run time of its gate noise, Threefry rolled against unrolled."""
+    from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
+    from jax.interpreters import mlir  # pylint: disable=import-outside-toplevel
+
+    rules = {"rolled": threefry2x32._threefry2x32_cpu_lowering_rule,  # pylint: disable=protected-access
+             "unrolled": threefry2x32._threefry2x32_lowering_rule}  # pylint: disable=protected-access
+
+    def use(name: str) -> None:
+        mlir.register_lowering(threefry2x32.threefry2x32_p, rules[name], platform="cpu", inline=name == "rolled")
+        jax.clear_caches()
+
+    print(f"backend {jax.default_backend()}: Threefry-2x32 lowered as JAX's CPU rule (rolled) or unrolled; "
+          f"init compile s; gate noise of one step (batch {batch}), median (min-max) ms over {repeats} runs")
+    print("| model | init compile rolled | init compile unrolled | noise rolled | noise unrolled | same bits |")
+    print("|---|---|---|---|---|---|")
+    for depth in depths:
+        model = cifar_resnet(depth)
+        images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+        widths = [w for w in (16, 32, 64) for _ in range((depth - 2) // 6)]
+        compile_s, times, results = {}, {}, {}
+        for name in rules:
+            use(name)
+            init = jax.jit(lambda k: model.init({"params": k, "gate": k}, images, train=False))
+            start = time.perf_counter()
+            compiled = init.lower(jax.random.key(0)).compile()
+            compile_s[name] = time.perf_counter() - start
+            noise = jax.jit(lambda k: [jax.random.uniform(jax.random.fold_in(k, i), (batch, w))
+                                       for i, w in enumerate(widths)])
+            drawn = jax.block_until_ready(noise(jax.random.key(1)))
+            times[name] = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(noise(jax.random.key(1)))
+                times[name].append(1000 * (time.perf_counter() - start))
+            results[name] = jax.tree.leaves(compiled(jax.random.key(0))) + drawn
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*results.values()))
+        cell = {n: f"{statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f})" for n, t in times.items()}
+        print(f"| ResNet-{depth} | {compile_s['rolled']:.1f} | {compile_s['unrolled']:.1f} | {cell['rolled']} "
+              f"| {cell['unrolled']} | {'yes' if same else 'NO'} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
@@ -96,7 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each variant")
     p.add_argument("--batch_shaping", action="store_true",
                    help="time the batch-shaping loss unrolled against in loops instead")
+    p.add_argument("--threefry", action="store_true",
+                   help="time Threefry lowered rolled (JAX's CPU rule) against unrolled instead")
     args = p.parse_args(argv)
+    if args.threefry:
+        threefry_table(args.depths, args.batch, args.repeats)
+        return
     if args.batch_shaping:
         batch_shaping_table(args.depths, args.batch, args.repeats)
         return

@@ -2,7 +2,8 @@
 
 Library modules (models, gates, losses, banks) hold no backend checks: each workaround is an
 explicit option of theirs, off by default, that gives the same results either way. The
-trainer (`fgc_jax.train`) turns them on for a mesh of CPU devices, and `fgc_jax.main`
+trainer (`fgc_jax.train`) turns them on for a mesh of CPU devices, registers JAX's unrolled
+Threefry lowering for CPU (`unrolled_threefry`, a process-wide switch), and `fgc_jax.main`
 restarts itself with the malloc setting only when the run will use CPU devices; GPU and TPU
 runs get none of them. A user who trains our modules on CPU from their own script can pass
 the same options. Each one's A/B measurement: docs/performance.md.
@@ -47,6 +48,24 @@ def batch_shaping_series_loop(mesh: jax.sharding.Mesh) -> bool:
     """`batch_shaping_loss(series_loop=...)` for `mesh`: on CPU the Beta CDF's series is summed
     in loops (the same bits, a fraction of the compile time; see `losses.beta_cdf`)."""
     return on_cpu(mesh)
+
+
+def unrolled_threefry(mesh: jax.sharding.Mesh) -> None:
+    """On CPU meshes, lowers Threefry-2x32 (the hash behind every `jax.random` draw) for CPU
+    with JAX's unrolled rule, the one its other platforms use, as JAX does itself from
+    jax-ml/jax#37872 on. Before that, its CPU rule ran the 20 rounds as a 5-iteration loop,
+    which XLA:CPU compiles 5-10x slower: 0.8-2.2 s per draw against 0.15 s here, and a
+    model's initialisation draws once per parameter. The same 20 rounds, so the same bits
+    (tests/test_cpu_workarounds.py). It acts on the whole process (a lowering rule is
+    global) and only on programs compiled after it; CPU only."""
+    if not on_cpu(mesh):
+        return
+    from jax._src.random import threefry2x32  # JAX's own lowering rules: private, hence the guard
+    from jax.interpreters import mlir
+
+    rule = getattr(threefry2x32, "_threefry2x32_lowering_rule", None)
+    if rule is not None:
+        mlir.register_lowering(threefry2x32.threefry2x32_p, rule, platform="cpu", inline=False)
 
 
 def will_run_on_cpu(environ: Mapping[str, str]) -> bool:

@@ -105,6 +105,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
                  mesh: jax.sharding.Mesh, steps_per_epoch: int):
         validate_config(config, info, mesh.size)
+        cpu_workarounds.unrolled_threefry(mesh)
         self.config, self.info, self.mesh = config, info, mesh
         self.steps_per_epoch = steps_per_epoch
         self.model = create_model(config.model, info.num_classes, compute_dtype=config.compute_dtype,

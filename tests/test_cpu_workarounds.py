@@ -3,6 +3,7 @@
 glibc malloc tunables: merging, the one re-execution; which hosts restart; the trainer's
 switches change no result."""
 import functools
+import json
 import os
 import pathlib
 import platform
@@ -166,3 +167,62 @@ def test_the_trainers_cpu_switches_change_the_program_but_not_the_results(monkey
     for (path, a), (_, b) in zip(jax.tree.flatten_with_path(state_on)[0], jax.tree.flatten_with_path(state_off)[0]):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=0,
                                    atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+# Random123's known answers for Threefry-2x32 with 20 rounds (kat_vectors: key, counter -> output).
+THREEFRY_KNOWN_ANSWERS = [
+    ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+]
+THREEFRY_SCRIPT = """
+import json, sys, types
+import jax, jax.numpy as jnp, numpy as np
+from jax.extend.random import threefry_2x32
+from fgc_jax import cpu_workarounds
+
+def draws():
+    key = jax.random.key(7)
+    fns = {"bits": lambda k: jax.random.bits(k, (64, 10)),
+           "uniform": lambda k: jax.random.uniform(k, (3, 3, 16, 32)),
+           "normal": lambda k: jax.random.normal(jax.random.fold_in(k, 3), (1000,)),
+           "truncated_normal": lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (5, 7)),
+           "split": lambda k: jax.random.key_data(jax.random.split(k, 5))}
+    return {name: np.asarray(jax.jit(fn)(key)).tobytes().hex() for name, fn in fns.items()}
+
+def loops():  # while loops in the lowered draw
+    return jax.jit(lambda k: jax.random.bits(k, (64, 10))).lower(jax.random.key(0)).as_text().count("stablehlo.while")
+
+def known_answers():
+    out = []
+    for key, count, _ in json.loads(sys.argv[1]):
+        pair = jax.jit(threefry_2x32)(jnp.asarray(key, jnp.uint32), jnp.asarray(count, jnp.uint32))
+        out.append([int(x) for x in pair])
+    return out
+
+gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
+cpu_mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+report = {"jax": {"loops": loops(), "draws": draws(), "known": known_answers()}}
+cpu_workarounds.unrolled_threefry(gpu_mesh)  # not a CPU mesh: nothing changes
+jax.clear_caches()
+report["gpu_mesh"] = {"loops": loops()}
+cpu_workarounds.unrolled_threefry(cpu_mesh)
+jax.clear_caches()
+report["unrolled"] = {"loops": loops(), "draws": draws(), "known": known_answers()}
+print(json.dumps(report))
+"""
+
+
+def test_unrolled_threefry_draws_the_same_bits_without_a_loop():
+    """`unrolled_threefry`: in a fresh process (JAX's own CPU rule first), every draw keeps its
+    bits, the draw's program loses its loop, and Threefry gives Random123's known answers."""
+    vectors = json.dumps([[list(k), list(c), list(o)] for k, c, o in THREEFRY_KNOWN_ANSWERS])
+    result = subprocess.run([sys.executable, "-c", THREEFRY_SCRIPT, vectors], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    expected = [list(out) for _, _, out in THREEFRY_KNOWN_ANSWERS]
+    assert report["jax"]["known"] == report["unrolled"]["known"] == expected
+    assert report["unrolled"]["draws"] == report["jax"]["draws"]
+    assert report["unrolled"]["loops"] == 0
+    assert report["gpu_mesh"]["loops"] == report["jax"]["loops"]  # 1 up to jax-ml/jax#37872, then 0

@@ -228,20 +228,29 @@ def test_quickstart_completes(tmp_path):
     assert abs(len(shown) - lines) <= 3, result.stderr
 
 
+def cifar_subset(source: pathlib.Path, target: pathlib.Path, train_per_file: int, test: int) -> pathlib.Path:
+    """The first records of each real CIFAR-10 file of `source`, written as a cifar-10-batches-bin directory."""
+    target.mkdir()
+    for name, records in [(f"data_batch_{i}.bin", train_per_file) for i in range(1, 6)] + [("test_batch.bin", test)]:
+        (target / name).write_bytes((source / name).read_bytes()[:records * 3073])  # 1 label + 3,072 pixel bytes
+    return target
+
+
 @pytest.mark.slow
 def test_fgc_stage_starts_from_the_released_bas_checkpoint(tmp_path, cifar_mini_dir, bas_checkpoint):
-    """init_from a PyTorch .pth: training starts at epoch bas.epochs with the trained network."""
+    """init_from a PyTorch .pth: training starts at epoch bas.epochs with the trained network.
+    On 1,280 of the real CIFAR-10 images (5 steps an epoch), 512 test images."""
     pytest.importorskip("torch")
     config = resnet20_cifar.get_config()
     config.data.source = "cifar_bin"
-    config.data.dir = str(cifar_mini_dir)
+    config.data.dir = str(cifar_subset(cifar_mini_dir, tmp_path / "cifar", train_per_file=256, test=512))
     config.init_from = str(bas_checkpoint)
     config.update_from_flattened_dict({
         "batch_size": 256, "eval_batch_size": 512, "num_epochs": 2, "bas.epochs": 1,
-        "fgc.k": 20, "log_every_steps": 2, "eval_every_epochs": 1, "checkpoint_every_steps": 10_000})
-    report = train.train_and_evaluate(config, str(tmp_path))
-    records = [m for m in read_metrics(tmp_path) if "loss" in m]
-    assert records[0]["step"] == 22  # training began at step 20: the BAS epoch was skipped
+        "fgc.k": 20, "log_every_steps": 1, "eval_every_epochs": 1, "checkpoint_every_steps": 10_000})
+    report = train.train_and_evaluate(config, str(tmp_path / "run"))
+    records = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [m["step"] for m in records] == [6, 7, 8, 9, 10]  # training began at step 5: the BAS epoch was skipped
     assert "fgc" in records[0] and records[0]["kappa"] == pytest.approx(0.003)
     assert records[0]["accuracy"] > 0.6  # a trained network from the first step (chance: 0.1)
-    assert report["top1"] > 0.6
+    assert report["num_examples"] == 512 and report["top1"] > 0.6
