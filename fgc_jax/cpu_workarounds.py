@@ -54,8 +54,8 @@ def unrolled_threefry(mesh: jax.sharding.Mesh) -> None:
     """On CPU meshes, lowers Threefry-2x32 (the hash behind every `jax.random` draw) for CPU
     with JAX's unrolled rule, the one its other platforms use, as JAX does itself from
     jax-ml/jax#37872 on. Before that, its CPU rule ran the 20 rounds as a 5-iteration loop,
-    which XLA:CPU compiles 5-10x slower: 0.8-2.2 s per draw against 0.15 s here, and a
-    model's initialisation draws once per parameter. The same 20 rounds, so the same bits
+    which XLA:CPU compiled 6-12x slower on a 2-core AVX2 host (0.85-2.2 s per draw against
+    0.15-0.17 s), and a model's initialisation draws once per parameter. The same 20 rounds, so the same bits
     (tests/test_cpu_workarounds.py). It acts on the whole process (a lowering rule is
     global) and only on programs compiled after it; CPU only."""
     if not on_cpu(mesh):

@@ -33,6 +33,12 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def without_compilation_cache(environ):
+    """`environ` without the session's compilation cache: for a command that must compile, or
+    that runs as a user runs it."""
+    return {k: v for k, v in environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_devices(n): skipped where JAX has fewer than n devices")
     config.addinivalue_line("markers", "needs_cpu: tests of XLA:CPU's own figures, skipped on other backends")

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from conftest import without_compilation_cache
 from fgc_jax import checkpointing, compare, evaluate, train
 from fgc_jax.preemption import PreemptionFlag
 from test_evaluate import tiny_setup  # noqa: F401 (a fixture)
@@ -121,9 +122,7 @@ def test_ctrl_c_during_compilation_at_a_step_and_twice_then_resume_bitwise(tmp_p
 
     # 1. During compilation (no compilation cache, so that it compiles).
     began = time.monotonic()
-    env = {k: v for k, v in subprocess_env().items() if not k.startswith("JAX_PERSISTENT_CACHE")
-           and k != "JAX_COMPILATION_CACHE_DIR"}
-    run = Console(command, env)
+    run = Console(command, without_compilation_cache(subprocess_env()))
     run.wait_for(r"compiling the train step for phase")
     assert sigint_disposition(run.process.pid) == "caught"
     run.interrupt()

@@ -65,12 +65,12 @@ def test_flops_split_into_model_and_fgc_terms(plans):
 def test_plan_command_json_and_one_line_errors():
     command = [sys.executable, "-m", "fgc_jax.cost", "--config=configs/quickstart.py",
                "--config.model.depth=8", "--config.batch_size=16", "--config.eval_batch_size=16",
-               "--plan", "--rows=1000"]
+               "--plan", f"--rows={ROWS}"]  # the fixture's: its model-only 2-device step is in the session's cache
     out = subprocess.run(command + ["--devices=2", "--bank_dtypes=bfloat16", "--json"], cwd=REPO,
                          capture_output=True, text=True, timeout=300, check=True)
     (only,) = json.loads(out.stdout)["plans"]  # the command arranged its own 2 CPU devices
-    assert (only["devices"], only["bank_dtype"], only["rows"]) == (2, "bfloat16", 1000)
-    assert only["bank_bytes"] == 2 * 500 * sum(WIDTHS) * 2  # 500 rows a device, 2 bytes each
+    assert (only["devices"], only["bank_dtype"], only["rows"]) == (2, "bfloat16", 8000)
+    assert only["bank_bytes"] == 2 * 4000 * sum(WIDTHS) * 2  # 4,000 rows a device, 2 bytes each
     for flags, says in ((["--devices=3"], "not divisible by the 3 devices"),
                         (["--devices=two"], "--devices=two"),
                         (["--rows=0"], "--rows=0")):

@@ -67,16 +67,13 @@ GRAD_RTOL = 1e-3  # gradient norms: the ulp sensitivity above
 MOMENTUM_ATOL = 2e-3  # the optimiser's momentum buffer: accumulated raw gradients
 RUN_TIMEOUT = 900
 
-CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
-
 
 # ----------------------------------------------------------------------------------------------
 # Helpers: launching runs, reading their results.
 
 
 def subprocess_env(compilation_cache: pathlib.Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES and not k.startswith("JAX_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")
            and k not in ("XLA_FLAGS", "NUM_PROCESSES", "DEVICES_PER_PROCESS", "COORDINATOR_PORT",
                          "LOG_DIR", "EXTRA_XLA_FLAGS")}
     env["PYTHON"] = sys.executable

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import without_compilation_cache
 from configs import quickstart, resnet20_cifar
 from fgc_jax import checkpointing, train
 from test_reliability import flags_for, subprocess_env
@@ -211,7 +212,7 @@ def test_quickstart_completes(tmp_path):
     assert QUICKSTART_PRUNING_BAND[0] < avx2_pruned < QUICKSTART_PRUNING_BAND[1]
     lines = int(re.search(r"It prints (\d+) lines", readme).group(1))
     # As a user runs it: one CPU device, without the session's compilation cache (conftest.py).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env = without_compilation_cache(os.environ)
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
     result = subprocess.run(main_command(tmp_path), cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=900)
