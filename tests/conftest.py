@@ -56,6 +56,13 @@ CIFAR_MINI = SHARED / "data" / "cifar10-mini" / "cifar-10-batches-bin"
 BAS_CHECKPOINT = SHARED / "weights" / "resnet20_bas_epoch100.pth"
 
 
+def cifar_mini_head(name, records):
+    """The first `records` records of cifar10-mini's file `name`: real CIFAR-10 records, for a
+    smaller file of the same format."""
+    from fgc_jax.data import cifar  # pylint: disable=import-outside-toplevel
+    return (CIFAR_MINI / name).read_bytes()[:records * cifar.LAYOUTS["cifar10"].record_bytes]
+
+
 @pytest.fixture
 def cifar_mini_dir():
     """The real CIFAR-10 subset in ../shared; the test is skipped where it is absent."""

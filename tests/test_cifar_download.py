@@ -21,7 +21,7 @@ import time
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import CIFAR_MINI
+from conftest import CIFAR_MINI, cifar_mini_head
 from configs import resnet20_cifar
 from fgc_jax import config_check, train
 from fgc_jax.data import cifar_download
@@ -50,7 +50,7 @@ RECORDS = 128  # of each file of cifar10-mini, so that the archive and a run on 
 def contents():
     """What the test archive holds (name -> bytes): the first RECORDS records of each file of
     cifar10-mini (real CIFAR-10 records) and its batches.meta.txt."""
-    files = {name: (CIFAR_MINI / name).read_bytes()[:RECORDS * 3073] for name in FILES}
+    files = {name: cifar_mini_head(name, RECORDS) for name in FILES}
     return {**files, "batches.meta.txt": (CIFAR_MINI / "batches.meta.txt").read_bytes()}
 
 

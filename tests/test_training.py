@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import without_compilation_cache
+from conftest import cifar_mini_head, without_compilation_cache
 from configs import quickstart, resnet20_cifar
 from fgc_jax import checkpointing, train
 from test_reliability import flags_for, subprocess_env
@@ -229,11 +229,11 @@ def test_quickstart_completes(tmp_path):
     assert abs(len(shown) - lines) <= 3, result.stderr
 
 
-def cifar_subset(source: pathlib.Path, target: pathlib.Path, train_per_file: int, test: int) -> pathlib.Path:
-    """The first records of each real CIFAR-10 file of `source`, written as a cifar-10-batches-bin directory."""
+def cifar_subset(target: pathlib.Path, train_per_file: int, test: int) -> pathlib.Path:
+    """The first records of each file of cifar10-mini, written as a cifar-10-batches-bin directory."""
     target.mkdir()
     for name, records in [(f"data_batch_{i}.bin", train_per_file) for i in range(1, 6)] + [("test_batch.bin", test)]:
-        (target / name).write_bytes((source / name).read_bytes()[:records * 3073])  # 1 label + 3,072 pixel bytes
+        (target / name).write_bytes(cifar_mini_head(name, records))
     return target
 
 
@@ -244,7 +244,7 @@ def test_fgc_stage_starts_from_the_released_bas_checkpoint(tmp_path, cifar_mini_
     pytest.importorskip("torch")
     config = resnet20_cifar.get_config()
     config.data.source = "cifar_bin"
-    config.data.dir = str(cifar_subset(cifar_mini_dir, tmp_path / "cifar", train_per_file=256, test=512))
+    config.data.dir = str(cifar_subset(tmp_path / "cifar", train_per_file=256, test=512))
     config.init_from = str(bas_checkpoint)
     config.update_from_flattened_dict({
         "batch_size": 256, "eval_batch_size": 512, "num_epochs": 2, "bas.epochs": 1,
