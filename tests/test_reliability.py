@@ -340,6 +340,7 @@ def test_best_checkpoint_survives_restarts(tmp_path):
     assert steps_on_disk(tmp_path) == [10, 50]  # the best (0.9) and the latest
 
 
+@pytest.mark.slow
 def test_best_checkpoint_survives_restarts_of_a_run(tmp_path):
     """One epoch per restart: the checkpoint with the best logged test top-1 is always on disk."""
     workdir = str(tmp_path / "run")
